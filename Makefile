@@ -1,0 +1,35 @@
+# The two commands of the README:
+#   make run   set up .venv and run the default pipeline (embedded `digits` suite, CPU, minutes)
+#   make test  set up .venv, start the local SLURM test cluster, run the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+CORES ?= all
+
+.PHONY: setup run test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(VENV)/bin/snakemake --cores $(CORES) --configfile config/config.yaml --report results/digits/report.html
+	@echo "Results: results/digits/ (scores.csv, tables/, figures/, report.html)"
+
+test: $(STAMP)
+	bash tests/slurm/cluster.sh up || echo "!!! local SLURM cluster could not be started: the SLURM integration test will say why it skips"
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/snakemake --lint --configfile config/config.yaml
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+
+clean:
+	rm -rf results logs benchmarks .snakemake

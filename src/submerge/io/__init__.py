@@ -1,0 +1,1 @@
+"""Everything that touches files: checkpoints, downloads, HDF5 stores, atomic writes."""
