@@ -1,0 +1,28 @@
+# submerge: subspace-boosted model merging (Skorobogat et al., arXiv 2506.16506).
+#   snakemake --cores all --configfile config/config.yaml           (embedded digits suite, CPU)
+#   snakemake --profile profiles/slurm --configfile config/suites/vit-b-32.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The default config is loaded only when none is given: a --configfile for a real suite must
+# not be merged key by key into the digits suite's experts and groups.
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/checkpoints.smk"
+include: "workflow/rules/taskvectors.smk"
+include: "workflow/rules/spectra.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

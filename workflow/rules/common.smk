@@ -1,0 +1,151 @@
+# Config validation, path helpers and input functions shared by all rule files.
+import itertools
+import math
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+def _check_config(cfg):
+    """Semantic checks the JSON schema cannot express; each error names the field at fault."""
+    experts = cfg["experts"]
+    for name, spec in experts.items():
+        if ("build" in spec) == ("source" in spec):
+            raise ValueError(
+                f"config field experts.{name}: give exactly one of 'build' or 'source'"
+            )
+        if spec.get("build") == "digits" and "task" not in spec:
+            raise ValueError(
+                f"config field experts.{name}: a digits expert needs 'task'"
+            )
+    for group, members in cfg["groups"].items():
+        for i, member in enumerate(members):
+            if member not in experts:
+                raise ValueError(
+                    f"config field groups.{group}[{i}]: unknown expert {member!r} "
+                    f"(known: {', '.join(sorted(experts))})"
+                )
+    sel = cfg.get("experiments", {}).get("selection")
+    if sel:
+        where = "config field experiments.selection"
+        if sel["universe"] not in cfg["groups"]:
+            raise ValueError(f"{where}.universe: unknown group {sel['universe']!r}")
+        if sel["method"] not in cfg["methods"]:
+            raise ValueError(f"{where}.method: unknown method {sel['method']!r}")
+        universe = cfg["groups"][sel["universe"]]
+        for field in ("pool", "ext"):
+            for e in sel.get(field, []):
+                if e not in universe:
+                    raise ValueError(
+                        f"{where}.{field}: {e!r} is not in group {sel['universe']!r}"
+                    )
+        n_cand = len(universe) - len(sel["pool"]) - len(sel.get("ext", []))
+        if sel["k"] > n_cand:
+            raise ValueError(
+                f"{where}.k: {sel['k']} > number of candidates ({n_cand})"
+            )
+
+
+_check_config(config)
+
+SUITE = config["suite"]
+R = f"results/{SUITE}"
+EXPERTS = list(config["experts"])
+GROUPS = config["groups"]
+METHODS = config["methods"]
+GPU = 1 if config.get("gpu", True) else 0
+
+
+wildcard_constraints:
+    expert="|".join(EXPERTS),
+    group="|".join(GROUPS),
+    method="|".join(METHODS),
+    alpha=r"[0-9]+(\.[0-9]+)?",
+    beta=r"none|[0-9]+(\.[0-9]+)?",
+
+
+def fmt(x):
+    """Grid values in paths: 0.1 -> '0.1', 1.0 -> '1', never '1e-01'."""
+    return f"{float(x):.6f}".rstrip("0").rstrip(".")
+
+
+def is_boosted(method):
+    return "boost" in METHODS[method]
+
+
+def method_alphas(method):
+    return [fmt(a) for a in METHODS[method].get("alpha", config["grid"]["alpha"])]
+
+
+def method_betas(method):
+    if not is_boosted(method):
+        return ["none"]
+    return [fmt(b) for b in METHODS[method].get("beta", config["grid"]["beta"])]
+
+
+def grid_files(group, method):
+    return [
+        f"{R}/grid/{group}/{method}/a{a}_b{b}.json"
+        for a, b in itertools.product(method_alphas(method), method_betas(method))
+    ]
+
+
+def method_params(method):
+    """A method's hyperparameters as job params, without its grid lists: adding a grid point
+    must not make the method's existing jobs stale."""
+    return {k: v for k, v in METHODS[method].items() if k not in ("alpha", "beta")}
+
+
+def needs_lambdas(method):
+    return METHODS[method]["rule"] == "consensus"
+
+
+def members(group):
+    return list(GROUPS[group])
+
+
+def model_file(name):
+    return f"{R}/models/{name}.safetensors"
+
+
+def taskvector_files(wildcards):
+    return [f"{R}/taskvectors/{e}.h5" for e in members(wildcards.group)]
+
+
+def head_files(wildcards):
+    return [f"{R}/heads/{e}.safetensors" for e in members(wildcards.group)]
+
+
+def reference_files(wildcards):
+    return [f"{R}/reference/{e}.json" for e in members(wildcards.group)]
+
+
+def selection():
+    return config.get("experiments", {}).get("selection")
+
+
+def all_targets():
+    targets = [f"{R}/scores.csv"]
+    targets += [f"{R}/spectra/{e}.h5" for e in EXPERTS]
+    targets += [f"{R}/hogsvd/{g}.h5" for g in GROUPS]
+    if selection():
+        targets.append(f"{R}/selection/selection.csv")
+    targets += report_targets()
+    return targets
+
+
+SUITE_KEYS = ("suite", "adapter", "arch", "digits", "tokenizer", "base", "seed")
+
+
+def suite_view(experts=()):
+    """The part of the config a job depends on: the suite-wide keys plus the named experts.
+    Passing the whole config as params would make every job stale when any expert is added."""
+    view = {k: config[k] for k in SUITE_KEYS if k in config}
+    view["experts"] = {e: config["experts"][e] for e in experts}
+    return view
+
+
+def eval_params():
+    return {"device": config.get("device", "auto"), **config.get("eval", {})}

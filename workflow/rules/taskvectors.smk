@@ -1,0 +1,19 @@
+# Stage 2: one task vector per expert, Δ = θ_expert − θ_base, as HDF5 (one dataset per parameter).
+
+
+rule task_vector:
+    input:
+        base=model_file("base"),
+        expert=f"{R}/models/experts/{{expert}}.safetensors",
+    output:
+        f"{R}/taskvectors/{{expert}}.h5",
+    params:
+        suite=lambda wc: suite_view(experts=[wc.expert]),
+    log:
+        f"logs/{SUITE}/task_vector/{{expert}}.log",
+    benchmark:
+        f"benchmarks/{SUITE}/task_vector/{{expert}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../../scripts/task_vector.py"
