@@ -179,9 +179,51 @@ def _build_real_head(suite: Mapping, expert: str, out_head: PathLike) -> None:
         weight, bias, meta = heads.head_from_module(raw)
         meta.update(info)
     else:
-        weight, bias, meta = heads.zero_shot_head_for_suite(suite, expert, cache_dir())
+        weight, meta = zero_shot_head_for_suite(suite, expert)
+        bias = None
     meta["expert"] = expert
     heads.save_head(out_head, weight, bias, meta)
+
+
+def zero_shot_head_for_suite(suite: Mapping, expert: str) -> tuple[torch.Tensor, dict]:
+    """A zero-shot head for ``expert``'s dataset from the suite's full CLIP (``zeroshot_model``:
+    image and text tower), with the class names and templates of its dataset block."""
+    from .data import heads, vision
+
+    spec = suite.get("zeroshot_model")
+    if spec is None:
+        raise ConfigError(f"config field zeroshot_model: required for experts.{expert}.head.zeroshot "
+                          "(a full CLIP checkpoint with its text tower)")
+    dcfg = vision.parse_dataset_cfg(suite["experts"][expert], expert, vision.VISION_DEFAULTS)
+    classnames, templates = vision.prompts(dcfg, expert)
+    raw, info = _load_source(spec, "zero-shot CLIP")
+    arch = suite_arch(suite)
+    if suite["adapter"] == "open_clip_vit":
+        import open_clip
+
+        model = open_clip.create_model(arch["model"], pretrained=None,
+                                       force_quick_gelu=bool(arch.get("quick_gelu", False)))
+        model.load_state_dict(raw)
+        tokenizer = open_clip.get_tokenizer(arch["model"])
+    elif suite["adapter"] == "hf_clip_vision":
+        import transformers
+
+        tok = suite.get("tokenizer")
+        if tok is None:
+            raise ConfigError("config field tokenizer: required to build zero-shot heads with "
+                              "hf_clip_vision ({hub: <repo id>} or {path: <dir>} of a CLIP tokenizer)")
+        from .data.language import load_tokenizer
+
+        tokenizer = load_tokenizer(tok)
+        config = transformers.CLIPConfig(**arch) if "vision_config" in arch else \
+            transformers.CLIPConfig(vision_config=arch, projection_dim=arch.get("projection_dim", 512))
+        model = transformers.CLIPModel(config)
+        model.load_state_dict(raw, strict=False)
+    else:
+        raise ConfigError(f"config field adapter: zero-shot heads need a CLIP adapter, not {suite['adapter']!r}")
+    weight, meta = heads.zero_shot_head(model, tokenizer, classnames, templates)
+    meta.update(zeroshot_model=info)
+    return weight, meta
 
 
 # ---------------------------------------------------------------------------------------------

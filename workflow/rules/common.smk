@@ -136,7 +136,7 @@ def all_targets():
     return targets
 
 
-SUITE_KEYS = ("suite", "adapter", "arch", "digits", "tokenizer", "base", "seed")
+SUITE_KEYS = ("suite", "adapter", "arch", "digits", "tokenizer", "base", "zeroshot_model", "seed")
 
 
 def suite_view(experts=()):
