@@ -1,0 +1,580 @@
+"""Regularised HO-GSVD, the Alignment Matrix, expert selection and Higher-Order Subspace
+Boosting (Skorobogat et al., "Subspace-Boosted Model Merging", arXiv 2506.16506,
+Sec. 4.2, Sec. 5.3, Supp. G (Algorithm 2, Eqs. 31-32) and H).
+
+HO-GSVD (Ponnapalli et al. 2011, with the rank-deficiency regularisation of Kempf et al.
+2023): N matrices ``A_i`` (``m_i x n``) are written ``A_i = U_i Sigma_i V^T`` (Eq. 5) with
+one shared, generally non-orthogonal ``V``:
+
+* ``D_i = A_i^T A_i + pi * A^T A`` with ``A`` the row stack of all ``A_i`` (Eq. 32);
+* ``S_pi = 1/(N(N-1)) sum_{i<j} (D_i D_j^-1 + D_j D_i^-1)`` (Eq. 31), ``S_pi V = V Lambda``;
+* ``B_i = A_i V^-T``, ``sigma_{i,k} = ||B_i[:, k]||``, ``U_i = B_i / sigma_i``.
+
+How it is computed (:func:`hogsvd`): ``sum_{i!=j} D_i D_j^-1 = P Q - N I`` with
+``P = sum_i D_i`` and ``Q = sum_j D_j^-1`` (linear in N instead of quadratic). ``S_pi`` is
+not symmetric, and a general eigensolver may return complex eigenvectors in floating point
+although theory says they are real. We never form ``S_pi``: with the Cholesky factor
+``P = L L^T``, ``L^-1 (P Q) L = L^T Q L = sum_j X_j^T X_j`` where ``X_j = C_j^-1 L`` and
+``D_j = C_j C_j^T`` (triangular solves, no explicit inverse). This matrix is symmetric
+positive definite and similar to ``P Q``, so a *symmetric* eigensolver gives real
+eigenpairs ``L^T Q L = W diag(mu) W^T``, and ``V = L W`` (columns normalised to unit norm)
+are eigenvectors of ``S_pi`` with eigenvalues ``(mu - N) / (N (N-1))`` (all >= 1).
+``V^-T = L^-T W diag(||L w_k||)`` is again a triangular solve.
+
+Conventions:
+
+* Components are ordered by **descending** eigenvalue of ``S_pi`` (most expert-specific
+  directions first; eigenvalue 1 marks directions equally significant in all matrices).
+* Columns of ``V`` have unit norm; each column's sign is fixed so that its entry of
+  largest magnitude is positive (deterministic across devices).
+* Numerically degenerate eigenvalues (relative gap below ``sqrt(eps)``) leave the basis of
+  their eigenspace free. Within such a cluster we choose the basis in which ``V``'s columns
+  are mutually orthogonal (eigenvectors of ``W_c^T L^T L W_c``, descending). For N copies
+  of one matrix (``S_pi = I``) this makes HO-GSVD the ordinary SVD. Note that ``S_pi`` is
+  symmetric in the experts: directions that play the same role for different experts (e.g.
+  one unique to expert 1 and one unique to expert 2, with equal sigma ratios) share an
+  eigenvalue, and HO-GSVD itself cannot tell them apart.
+* ``U_i`` columns whose ``sigma_{i,k}`` is zero to working precision
+  (``<= n * eps * max_k sigma_{i,k}``) are set to zero.
+* Orientation: if all matrices have the same shape ``m x n`` with ``m < n`` (fat), the
+  transposes are decomposed (so that ``n`` is the smaller dimension and ``D_i`` can be full
+  rank); ``HOGSVDResult.transposed`` says so and ``U_i``, ``V`` then refer to the
+  transposes: ``A_i^T = U_i Sigma_i V^T``. ``transpose=True/False`` forces a choice.
+* Computation in float64 by default (``dtype``); results stay in that dtype.
+* A matrix is *numerically singular* when ``lambda_min <= n * eps * lambda_max``. The
+  stacked ``A^T A`` must be non-singular (else no ``pi`` helps); with ``pi`` so small that
+  ``pi / (1 + N pi) <= n * eps`` every ``A_i^T A_i`` must be non-singular too, i.e. every
+  ``A_i`` must have full column rank (use ``pi > 0`` for rank-deficient inputs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from submerge.errors import CheckpointError, ConfigError
+from submerge.layers import LayerInfo
+from submerge.merging.task_arithmetic import sum_key
+from submerge.merging.task_vectors import StateDict, check_layer_info, check_task_vectors
+from submerge.merging.tsv import polar_factor
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "HOGSVDResult",
+    "hogsvd",
+    "s_matrix",
+    "alignment_matrix",
+    "SubspaceSplit",
+    "common_unique_split",
+    "common_unique_parts",
+    "selection_score",
+    "select_experts",
+    "random_selection",
+    "higher_order_factors",
+    "higher_order_boost",
+    "hogsvd_merge",
+]
+
+EPS_ALIGN = 1e-12  # Eq. 7
+
+
+@dataclass(frozen=True)
+class HOGSVDResult:
+    """``A_i = U[i] diag(sigma[i]) V^T`` (of ``A_i^T`` when ``transposed``).
+
+    V:          ``n x n`` shared basis, unit-norm columns (not orthogonal in general).
+    sigma:      ``N x n`` generalised singular values.
+    U:          list of ``m_i x n`` matrices with unit-norm (or zero) columns.
+    eigvals:    ``n`` eigenvalues of ``S_pi``, descending (component order).
+    transposed: whether the transposes of the inputs were decomposed.
+    """
+
+    V: Tensor
+    sigma: Tensor
+    U: list[Tensor]
+    eigvals: Tensor
+    transposed: bool
+
+    def reconstruct(self, i: int) -> Tensor:
+        """``U_i diag(sigma_i) V^T`` in the input's orientation."""
+        rec = (self.U[i] * self.sigma[i]) @ self.V.T
+        return rec.T if self.transposed else rec
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
+def _check_pi(pi: float) -> None:
+    if isinstance(pi, bool) or not (isinstance(pi, (int, float)) and math.isfinite(pi) and pi >= 0):
+        raise ValueError(f"pi must be a finite number >= 0, got {pi!r}")
+
+
+def _oriented(matrices: Sequence[Tensor], transpose: bool | None, dtype: torch.dtype) -> tuple[list[Tensor], bool]:
+    """Check the inputs and return them in the decomposed orientation, cast to ``dtype``."""
+    _check_dtype(dtype)
+    if len(matrices) < 2:
+        raise ValueError(f"HO-GSVD needs N >= 2 matrices, got {len(matrices)}")
+    for i, a in enumerate(matrices):
+        if not isinstance(a, Tensor) or a.ndim != 2:
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(f"matrix {i} must be a 2-D tensor, got {shape}")
+        if not a.is_floating_point():
+            raise ValueError(f"matrix {i} has non-float dtype {a.dtype}")
+        if a.numel() == 0:
+            raise ValueError(f"matrix {i} is empty (shape {tuple(a.shape)})")
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"matrix {i} contains NaN or Inf values")
+        if a.device != matrices[0].device:
+            raise ValueError(f"matrix {i} is on {a.device}, matrix 0 on {matrices[0].device}")
+    shapes = [tuple(a.shape) for a in matrices]
+    if transpose is None:
+        _check_same(shapes, 1, "column")
+        transpose = len(set(shapes)) == 1 and shapes[0][0] < shapes[0][1]
+    elif transpose:
+        _check_same(shapes, 0, "row")  # rows become columns
+    else:
+        _check_same(shapes, 1, "column")
+    mats = [(a.T if transpose else a).to(dtype) for a in matrices]
+    return mats, bool(transpose)
+
+
+def _check_same(shapes: list[tuple[int, int]], dim: int, what: str) -> None:
+    for i, shape in enumerate(shapes):
+        if shape[dim] != shapes[0][dim]:
+            raise ValueError(
+                f"matrices have different {what} counts: matrix 0 is {shapes[0][0]}x{shapes[0][1]}, "
+                f"matrix {i} is {shape[0]}x{shape[1]} (HO-GSVD needs the same number of {what}s)"
+            )
+
+
+def _singular_check(mat: Tensor, what: str) -> None:
+    """Raise if the symmetric PSD ``mat`` is singular to working precision."""
+    ev = torch.linalg.eigvalsh(mat)
+    tol = mat.shape[0] * torch.finfo(mat.dtype).eps * ev[-1].clamp_min(0)
+    if not bool(ev[0] > tol):
+        raise ValueError(what + f" (smallest/largest eigenvalue {ev[0].item():.3g}/{ev[-1].item():.3g})")
+
+
+def _regularised(mats: list[Tensor], pi: float) -> tuple[list[Tensor], Tensor]:
+    """``D_i`` (Eq. 32) and ``P = sum_i D_i``, with singularity checks."""
+    _check_pi(pi)
+    n_mat, n = len(mats), mats[0].shape[1]
+    grams = [a.T @ a for a in mats]
+    gram = torch.stack(grams).sum(0)
+    _singular_check(
+        gram,
+        f"the stacked matrix A (all {n_mat} matrices, {n} columns) is rank-deficient: A^T A is singular, "
+        "so D_i = A_i^T A_i + pi A^T A is singular for every pi",
+    )
+    eps = torch.finfo(mats[0].dtype).eps
+    if pi / (1 + n_mat * pi) <= n * eps:
+        for i, g in enumerate(grams):
+            _singular_check(
+                g,
+                f"matrix {i} is rank-deficient (A_{i}^T A_{i} is singular; it needs full column rank {n}) "
+                f"and pi={pi} does not regularise it: use pi > 0 (e.g. the default 1e-2)",
+            )
+    d = [g + pi * gram for g in grams]
+    p = (1 + n_mat * pi) * gram  # = sum_i D_i
+    return d, p
+
+
+def _cholesky(mat: Tensor, what: str) -> Tensor:
+    factor, info = torch.linalg.cholesky_ex(mat)
+    if int(info) != 0:
+        raise ValueError(f"{what} is not positive definite to working precision (Cholesky failed); use a larger pi")
+    return factor
+
+
+# ----------------------------------------------------------------------------- HO-GSVD
+
+
+@torch.no_grad()
+def s_matrix(
+    matrices: Sequence[Tensor],
+    *,
+    pi: float = 1e-2,
+    pairwise: bool = False,
+    dtype: torch.dtype = torch.float64,
+    transpose: bool | None = None,
+) -> Tensor:
+    """``S_pi`` of Eq. 31, formed explicitly (for checks and benchmarks; :func:`hogsvd`
+    does not need it).
+
+    ``pairwise=False``: ``((sum_i D_i)(sum_j D_j^-1) - N I) / (N(N-1))``, N Cholesky solves.
+    ``pairwise=True``: the literal sum over pairs ``i<j`` of ``D_i D_j^-1 + D_j D_i^-1``,
+    ``N(N-1)`` Cholesky solves (``D_i D_j^-1 = (D_j^-1 D_i)^T``).
+    """
+    mats, _ = _oriented(matrices, transpose, dtype)
+    d, p = _regularised(mats, pi)
+    n_mat, n = len(mats), mats[0].shape[1]
+    chol = [_cholesky(dj, f"D_{j}") for j, dj in enumerate(d)]
+    if pairwise:
+        total = torch.zeros_like(p)
+        for i, j in itertools.combinations(range(n_mat), 2):
+            total += torch.cholesky_solve(d[i], chol[j]).T + torch.cholesky_solve(d[j], chol[i]).T
+    else:
+        total = torch.stack([torch.cholesky_solve(p, c).T for c in chol]).sum(0)  # P D_j^-1, summed
+        total -= n_mat * torch.eye(n, dtype=p.dtype, device=p.device)
+    return total / (n_mat * (n_mat - 1))
+
+
+def _orthogonal_within_ties(mu: Tensor, w: Tensor, low: Tensor) -> Tensor:
+    """Within clusters of numerically equal ``mu`` (descending), rotate ``w`` so that the
+    columns of ``low @ w`` are mutually orthogonal (ordered by descending norm)."""
+    tol = math.sqrt(torch.finfo(mu.dtype).eps) * float(mu.abs().max())
+    gaps = ((mu[:-1] - mu[1:]) > tol).nonzero().flatten().tolist()
+    bounds = [0] + [k + 1 for k in gaps] + [len(mu)]
+    gram = None
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop - start > 1:
+            gram = low.T @ low if gram is None else gram
+            wc = w[:, start:stop]
+            _, rot = torch.linalg.eigh(wc.T @ gram @ wc)
+            w[:, start:stop] = wc @ rot.flip(1)
+            log.debug("HO-GSVD: %d numerically equal eigenvalues at component %d", stop - start, start)
+    return w
+
+
+@torch.no_grad()
+def hogsvd(
+    matrices: Sequence[Tensor],
+    *,
+    pi: float = 1e-2,
+    dtype: torch.dtype = torch.float64,
+    transpose: bool | None = None,
+) -> HOGSVDResult:
+    """Regularised HO-GSVD (Eqs. 5, 31, 32; Kempf et al. 2023) of N >= 2 matrices.
+
+    See the module docstring for the algorithm (a symmetric eigenproblem similar to
+    ``S_pi``, so eigenvectors are real by construction), the component order (descending
+    eigenvalue), the orientation rule for fat matrices and the singularity errors.
+    Raises ``ValueError`` on N < 2, non-2-D input, different column counts, NaN/Inf,
+    ``pi < 0`` and (numerically) singular ``D_i``.
+    """
+    mats, transposed = _oriented(matrices, transpose, dtype)
+    d, p = _regularised(mats, pi)
+    n_mat, n = len(mats), mats[0].shape[1]
+    low = _cholesky(p, "sum_i D_i")
+    whitened = torch.zeros_like(p)
+    for j, dj in enumerate(d):
+        x = torch.linalg.solve_triangular(_cholesky(dj, f"D_{j}"), low, upper=False)  # C_j^-1 L
+        whitened += x.T @ x  # L^T D_j^-1 L
+    mu, w = torch.linalg.eigh((whitened + whitened.T) / 2)
+    mu, w = mu.flip(0), w.flip(1)  # descending
+    w = _orthogonal_within_ties(mu, w, low)
+    v = low @ w
+    idx = v.abs().argmax(0)
+    signs = torch.sign(v.gather(0, idx[None]))
+    signs[signs == 0] = 1
+    w, v = w * signs, v * signs
+    norms = v.norm(dim=0)
+    v = v / norms
+    inv_t = torch.linalg.solve_triangular(low.T, w * norms, upper=True)  # V^-T
+    us, sigmas = [], []
+    for a in mats:
+        b = a @ inv_t
+        s = b.norm(dim=0)
+        nonzero = s > n * torch.finfo(dtype).eps * s.max()
+        us.append(torch.where(nonzero, b / torch.where(nonzero, s, 1), 0))
+        sigmas.append(s)
+    eigvals = (mu - n_mat) / (n_mat * (n_mat - 1))
+    return HOGSVDResult(V=v, sigma=torch.stack(sigmas), U=us, eigvals=eigvals, transposed=transposed)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+@torch.no_grad()
+def alignment_matrix(sigmas: Sequence[Tensor], *, eps: float = EPS_ALIGN) -> Tensor:
+    """Alignment Matrix, Eq. 7: ``A_ij = 1/L sum_l 1/M_l sum_p |log((s_ip + eps)/(s_jp + eps))|``.
+
+    ``sigmas``: one ``N x M_l`` tensor of generalised singular values per layer (the
+    caller chooses the layers, e.g. one layer kind, or all of them for the mean of
+    Fig. 13d). Larger = better aligned = less interference (Sec. 4.2). Computed in
+    float64, returned in the dtype of ``sigmas[0]``. Symmetric with zero diagonal.
+    """
+    if len(sigmas) == 0:
+        raise ValueError("alignment_matrix needs at least one layer's sigma tensor")
+    total = None
+    for layer_idx, s in enumerate(sigmas):
+        if not isinstance(s, Tensor) or s.ndim != 2 or s.shape[1] == 0:
+            raise ValueError(f"sigma tensor of layer {layer_idx} must be a non-empty 2-D (N x M) tensor")
+        if s.shape[0] != sigmas[0].shape[0]:
+            raise ValueError(f"layer {layer_idx} has sigmas of {s.shape[0]} experts, layer 0 of {sigmas[0].shape[0]}")
+        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise ValueError(f"sigma tensor of layer {layer_idx} contains NaN/Inf or negative values")
+        logs = torch.log(s.to(device=sigmas[0].device, dtype=torch.float64) + eps)
+        layer = (logs[:, None, :] - logs[None, :, :]).abs().mean(-1)
+        total = layer if total is None else total + layer
+    return (total / len(sigmas)).to(sigmas[0].dtype)
+
+
+@dataclass(frozen=True)
+class SubspaceSplit:
+    """Direction masks of Eq. 6 over the ``n`` shared directions.
+
+    common: ``(n,)`` bool, every pair of experts within a factor ``threshold``.
+    unique: ``(N, n)`` bool, ``unique[i, k]``: expert i's ``sigma_k`` exceeds every other
+            expert's by at least the factor ``threshold`` (at most one True per column).
+    Directions in neither set are shared by some but not all experts.
+    """
+
+    common: Tensor
+    unique: Tensor
+
+
+@torch.no_grad()
+def common_unique_split(sigma: Tensor, threshold: float, *, eps: float = EPS_ALIGN) -> SubspaceSplit:
+    """Common / unique directions (Eq. 6) from an ``N x n`` sigma tensor.
+
+    Direction k is *common* if ``|log((s_ik+eps)/(s_jk+eps))| <= log(threshold)`` for all
+    pairs, and *unique to expert i* if ``(s_ik+eps) >= threshold * (s_jk+eps)`` for all
+    ``j != i``. ``threshold > 1``.
+    """
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 1):
+        raise ValueError(f"threshold must be a finite number > 1, got {threshold!r}")
+    if sigma.ndim != 2 or sigma.shape[0] < 2:
+        raise ValueError(f"sigma must be an N x n tensor with N >= 2, got shape {tuple(sigma.shape)}")
+    if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
+        raise ValueError("sigma contains NaN/Inf or negative values")
+    logs = torch.log(sigma.to(torch.float64) + eps)
+    log_t = math.log(threshold)
+    common = (logs.max(0).values - logs.min(0).values) <= log_t
+    top2 = logs.topk(2, dim=0)
+    winner_margin = top2.values[0] - top2.values[1]
+    unique = torch.zeros_like(logs, dtype=torch.bool)
+    unique.scatter_(0, top2.indices[:1], (winner_margin >= log_t)[None])
+    return SubspaceSplit(common=common, unique=unique)
+
+
+@torch.no_grad()
+def common_unique_parts(result: HOGSVDResult, i: int, common: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 6: ``A_i = common part + unique part`` (input orientation).
+
+    common part = ``sum_{k in common} sigma_ik u_ik v_k^T``; unique part = the same sum over
+    all other directions (those unique to expert i and those shared by only some
+    experts), so the two parts sum to ``A_i``. ``common``: ``(n,)`` bool mask, e.g.
+    ``common_unique_split(...).common``.
+    """
+    if not 0 <= i < len(result.U):
+        raise ValueError(f"expert index {i} out of range for {len(result.U)} matrices")
+    if common.shape != result.sigma.shape[1:] or common.dtype != torch.bool:
+        raise ValueError(f"common must be a bool mask of shape {tuple(result.sigma.shape[1:])}")
+    mask = common.to(result.sigma.device)
+    scaled = result.U[i] * result.sigma[i]
+    parts = [(scaled * m) @ result.V.T for m in (mask, ~mask)]
+    return tuple(p.T if result.transposed else p for p in parts)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _check_selection(alignment: Tensor, pool: Sequence[int], candidates: Sequence[int], k: int) -> Tensor:
+    if alignment.ndim != 2 or alignment.shape[0] != alignment.shape[1]:
+        raise ValueError(f"alignment must be a square matrix, got shape {tuple(alignment.shape)}")
+    if not bool(torch.isfinite(alignment).all()):
+        raise ValueError("alignment matrix contains NaN or Inf values")
+    size = alignment.shape[0]
+    for name, idx in (("pool", pool), ("candidates", candidates)):
+        bad = [i for i in idx if not 0 <= i < size]
+        if bad:
+            raise ValueError(f"{name} indices {bad} out of range for a {size}x{size} alignment matrix")
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"{name} indices contain duplicates: {list(idx)}")
+    both = sorted(set(pool) & set(candidates))
+    if both:
+        raise ValueError(f"indices {both} are both in the pool and among the candidates")
+    if not 0 <= k <= len(candidates):
+        raise ValueError(f"k={k} must lie in 0..{len(candidates)} (the number of candidates)")
+    a = alignment.detach().to("cpu", torch.float64)
+    return (a + a.T) / 2
+
+
+def _score(a: Tensor, pool: list[int], selected: list[int], within_weight: float) -> float:
+    with_pool = float(a[selected][:, pool].sum()) if selected and pool else 0.0
+    within = float(a[selected][:, selected].triu(1).sum()) if selected else 0.0
+    return with_pool + within_weight * within
+
+
+def selection_score(
+    alignment: Tensor, pool: Sequence[int], selected: Sequence[int], *, within_weight: float = 1.0
+) -> float:
+    """Objective of the expert selection (higher = less interference, Sec. 5.3):
+    ``sum_{c in selected, p in pool} A_cp + within_weight * sum_{c<c' in selected} A_cc'``.
+
+    With ``within_weight=1`` this is the total pairwise alignment of the merged set
+    ``pool + selected`` minus the constant pool-internal part; ``within_weight=0`` scores
+    the alignment with the pool only (the paper's wording).
+    """
+    a = _check_selection(alignment, pool, selected, len(selected))
+    return _score(a, list(pool), list(selected), within_weight)
+
+
+def select_experts(
+    alignment: Tensor,
+    pool: Sequence[int],
+    candidates: Sequence[int],
+    k: int,
+    *,
+    method: str = "greedy",
+    within_weight: float = 1.0,
+    max_combinations: int = 1_000_000,
+) -> list[int]:
+    """Choose ``k`` candidates that maximise :func:`selection_score` with the pre-selected
+    ``pool`` (indices into the alignment matrix over pool + candidates).
+
+    ``method="greedy"``: add, one at a time, the candidate with the largest gain
+    ``sum_p A_cp + within_weight * sum_{s chosen} A_cs`` (ties: smallest index); returned in
+    the order chosen. Exact when ``within_weight=0``.
+    ``method="exhaustive"``: the best of all ``C(len(candidates), k)`` subsets (ties: the
+    lexicographically first), sorted; ``ValueError`` if more than ``max_combinations``.
+    """
+    a = _check_selection(alignment, pool, candidates, k)
+    pool, candidates = list(pool), list(candidates)
+    if method == "greedy":
+        chosen: list[int] = []
+        gain = {c: float(a[c, pool].sum()) if pool else 0.0 for c in candidates}
+        for _ in range(k):
+            best = max(sorted(gain), key=lambda c: gain[c])  # max keeps the first (smallest) on ties
+            chosen.append(best)
+            del gain[best]
+            for c in gain:
+                gain[c] += within_weight * float(a[c, best])
+        return chosen
+    if method == "exhaustive":
+        count = math.comb(len(candidates), k)
+        if count > max_combinations:
+            raise ValueError(
+                f"exhaustive selection would score {count} subsets (> max_combinations={max_combinations})"
+            )
+        best_set, best_score = None, -math.inf
+        for subset in itertools.combinations(sorted(candidates), k):
+            score = _score(a, pool, list(subset), within_weight)
+            if score > best_score:
+                best_set, best_score = list(subset), score
+        return best_set
+    raise ValueError(f"method must be 'greedy' or 'exhaustive', got {method!r}")
+
+
+def random_selection(candidates: Sequence[int], k: int, draws: int, seed: int) -> list[list[int]]:
+    """The random baseline: ``draws`` independent draws of ``k`` distinct candidates
+    (each sorted), reproducible from ``seed`` (Python's ``random.Random``)."""
+    if not 0 <= k <= len(candidates):
+        raise ValueError(f"k={k} must lie in 0..{len(candidates)} (the number of candidates)")
+    if draws < 0:
+        raise ValueError(f"draws must be >= 0, got {draws}")
+    rng = random.Random(seed)
+    return [sorted(rng.sample(list(candidates), k)) for _ in range(draws)]
+
+
+# ----------------------------------------------------------------------------- HO-SB
+
+
+@torch.no_grad()
+def higher_order_factors(
+    matrices: Sequence[Tensor], *, pi: float = 1e-2, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Orthonormal factors of Algorithm 2 (lines 7-14), as ``(U, S, Vh)`` in the inputs'
+    orientation: ``S`` descending, ``U``, ``Vh`` with orthonormal columns / rows.
+
+    * ``U_o`` = the generalised orthogonal Procrustes solution over ``U_1..U_N``: the
+      orthonormal matrix nearest to all of them, ``argmin_Q sum_i ||Q - U_i||_F^2 =
+      polar(sum_i U_i)`` (closed form; no per-expert rotations, which would break the
+      correspondence between columns and ``Sigma``);
+    * ``V_o = polar(V)`` (orthogonal Procrustes);
+    * ``S = sum_i sigma_i``, sorted descending, ``U_o``/``V_o`` columns permuted alike.
+
+    ``U_o diag(S) V_o^T`` is then itself an SVD, so Subspace Boosting applies directly.
+    Computed in ``dtype`` (float64 default); returned in that dtype.
+    """
+    res = hogsvd(matrices, pi=pi, dtype=dtype)
+    u_o = polar_factor(torch.stack(res.U).sum(0))
+    v_o = polar_factor(res.V)
+    s, order = res.sigma.sum(0).sort(descending=True)
+    u_o, v_o = u_o[:, order], v_o[:, order]
+    if res.transposed:  # A^T = U_o S V_o^T  <=>  A = V_o S U_o^T
+        u_o, v_o = v_o, u_o
+    return u_o, s, v_o.T
+
+
+@torch.no_grad()
+def higher_order_boost(
+    matrices: Sequence[Tensor], *, beta: float | None, pi: float = 1e-2, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Higher-Order Subspace Boosting, Algorithm 2 (Supp. G) for one weight matrix:
+    ``U_o boost_beta(Sigma_sum) V_o^T`` with the factors of :func:`higher_order_factors`
+    and Algorithm 1's rule (:func:`submerge.boosting.boost_singular_values`).
+    ``beta=None``: no boosting, ``U_o diag(Sigma_sum) V_o^T``. Returned on the inputs'
+    device in the inputs' dtype (computed in ``dtype``).
+    """
+    u, s, vh = higher_order_factors(matrices, pi=pi, dtype=dtype)
+    if beta is not None:
+        from submerge.boosting import boost_singular_values
+
+        s = boost_singular_values(s, beta)
+    return ((u * s) @ vh).to(matrices[0].dtype)
+
+
+@torch.no_grad()
+def hogsvd_merge(
+    task_vectors: Sequence[StateDict],
+    layer_info: Mapping[str, LayerInfo],
+    *,
+    pi: float = 1e-2,
+    layers: str = "both",
+    attn_mode: str = "per_qkv",
+    dtype: torch.dtype = torch.float64,
+) -> StateDict:
+    """Merge rule "hogsvd": the unboosted Higher-Order reconstruction (Algorithm 2 without
+    line 15) for every 2-D attention/MLP target of
+    :func:`submerge.boosting.boost_targets` (each row block separately, e.g. W_q, W_k, W_v
+    of a fused ``in_proj_weight``), ``sum_t Delta_t`` for every other key (1-D targets too).
+    Computed in ``dtype`` (float64 default), returned in the task vectors' dtype.
+
+    Since ``U_o``, ``V_o`` are orthonormal, the SVD of the result is ``(U_o, Sigma_sum, V_o)``,
+    so the pipeline's ordinary Subspace Boosting step applied afterwards gives exactly
+    Algorithm 2 (``higher_order_boost`` with ``beta``).
+    """
+    from submerge.boosting import boost_targets
+
+    try:
+        _check_pi(pi)
+    except ValueError as err:
+        raise ConfigError(f"merge rule 'hogsvd': hyperparameter {err}") from None
+    keys = check_task_vectors(task_vectors)
+    if len(task_vectors) < 2:
+        raise ValueError(f"hogsvd merge needs at least 2 task vectors, got {len(task_vectors)}")
+    check_layer_info(keys, layer_info)
+    targets = boost_targets(layer_info, layers=layers, attn_mode=attn_mode)
+    merged: StateDict = {}
+    for key in keys:
+        first = task_vectors[0][key]
+        if key not in targets or first.ndim != 2:  # like subspace_boost: only 2-D weights
+            merged[key] = sum_key(task_vectors, key).to(first.dtype)
+            continue
+        blocks = targets[key]
+        if first.shape[0] % blocks:
+            raise CheckpointError(f"key {key!r}: {first.shape[0]} rows cannot be split into {blocks} equal blocks")
+        parts = []
+        for b in range(blocks):
+            chunk = [tv[key].chunk(blocks, dim=0)[b] for tv in task_vectors]
+            try:
+                parts.append(higher_order_boost(chunk, beta=None, pi=pi, dtype=dtype))
+            except ValueError as err:
+                raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
+        merged[key] = torch.cat(parts, dim=0)
+    return merged

@@ -1,0 +1,74 @@
+"""LiNeS: post-training layer scaling (Wang et al., "LiNeS: Post-training Layer Scaling
+Prevents Forgetting and Enhances Model Merging", ICLR 2025, arXiv:2410.17146).
+
+Block ``l`` of ``L`` is scaled by ``alpha + beta * l / (L - 1)``; parameters outside the
+blocks (patch embedding, positional/class embeddings, ``ln_pre``, ``ln_post``, ``proj``)
+get ``alpha`` (reference: wang-kee/LiNeS ``src/eval/eval.py::LiNeS_scaling``). For model
+merging ``alpha = (||sum_t tau_t||_1 / ||tau_merged||_1) / T`` (``src/eval/aggregation.py``;
+the sum is over the untrimmed task vectors, also for TIES) and ``beta`` is tuned.
+
+LiNeS is a post-processing step, not a merge rule: it applies to the output of every rule
+and composes with boosting; the merged model is then ``theta_base + 1.0 * scaled``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from submerge.layers import LayerInfo, num_blocks as count_blocks
+from submerge.merging.task_arithmetic import sum_key
+from submerge.merging.task_vectors import StateDict, check_layer_info, check_task_vectors
+from submerge.spectral import compute_dtype
+
+__all__ = ["lines_scale", "lines_alpha", "lines_coefficient"]
+
+
+def lines_coefficient(block: int | None, *, alpha: float, beta: float, num_blocks: int) -> float:
+    """The LiNeS scale of a parameter in ``block`` (``None`` = outside the blocks)."""
+    if block is None or num_blocks <= 1:
+        return alpha
+    if not 0 <= block < num_blocks:
+        raise ValueError(f"block index {block} outside 0..{num_blocks - 1}")
+    return alpha + beta * block / (num_blocks - 1)
+
+
+@torch.no_grad()
+def lines_scale(
+    delta: Mapping[str, Tensor],
+    layer_info: Mapping[str, LayerInfo],
+    *,
+    alpha: float,
+    beta: float,
+    num_blocks: int | None = None,
+) -> StateDict:
+    """Scale each key of ``delta`` by its LiNeS coefficient ``alpha + beta * l / (L - 1)``
+    (Wang et al. 2025, arXiv:2410.17146).
+
+    ``num_blocks`` defaults to the number of blocks in ``layer_info``.
+    """
+    check_layer_info(delta.keys(), layer_info)
+    if num_blocks is None:
+        num_blocks = count_blocks(layer_info)
+    out: StateDict = {}
+    for key, value in delta.items():
+        scale = lines_coefficient(layer_info[key].block, alpha=alpha, beta=beta, num_blocks=num_blocks)
+        out[key] = (value.to(compute_dtype(value.dtype)) * scale).to(value.dtype)
+    return out
+
+
+@torch.no_grad()
+def lines_alpha(task_vectors: Sequence[Mapping[str, Tensor]], merged: Mapping[str, Tensor]) -> float:
+    """``(||sum_t tau_t||_1 / ||tau_merged||_1) / T`` over all keys (exactly ``1/T`` for TA)."""
+    keys = check_task_vectors(task_vectors)
+    if set(merged) != set(keys):
+        raise ValueError(
+            f"merged task vector keys differ from the task vectors' keys: {sorted(set(merged) ^ set(keys))[:5]}"
+        )
+    summed = sum(float(sum_key(task_vectors, key).abs().sum(dtype=torch.float64)) for key in keys)
+    norm_merged = sum(float(merged[key].abs().sum(dtype=torch.float64)) for key in keys)
+    if norm_merged == 0.0:
+        raise ValueError("lines_alpha: the merged task vector is zero (L1 norm 0)")
+    return summed / norm_merged / len(task_vectors)

@@ -1,0 +1,124 @@
+"""Adapter for open_clip CLIP image encoders (``open_clip.transformer.VisionTransformer``).
+
+Normalised keys are the ``VisionTransformer``'s own ``state_dict()`` keys, i.e. those of
+``model.visual`` of an open_clip ``CLIP``:
+
+==========================================================  ======  =====  =======
+key                                                          kind    block  stacked
+==========================================================  ======  =====  =======
+``transformer.resblocks.{i}.attn.in_proj_weight``            attn    i      3 (W_q; W_k; W_v)
+``transformer.resblocks.{i}.attn.out_proj.weight``           attn    i      1
+``transformer.resblocks.{i}.mlp.c_fc.weight`` / ``c_proj``   mlp     i      1
+``transformer.resblocks.{i}.ln_1.*`` / ``ln_2.*``            norm    i      1
+biases of those layers (and layer-scale ``ls_{1,2}.gamma``)  other   i      1
+``conv1.weight``, ``class_embedding``, ``positional_embedding``  embed  None  1
+``ln_pre.*``, ``ln_post.*``                                  norm    None   1
+``proj`` (final image projection)                            other   None   1
+==========================================================  ======  =====  =======
+
+``proj`` is ``other``: the paper boosts "linear layers and attention layers" of the blocks;
+FusionBench's port also boosts ``visual.proj`` (docs/anchors.md), which callers can do by
+selecting that key explicitly.
+
+Raw checkpoints arrive as TALL-masks / task_vectors ``ImageEncoder`` state dicts
+(``model.visual.*`` plus ``model.*`` text-tower keys, which are dropped), as full open_clip
+``CLIP`` state dicts (``visual.*``), or as the tower itself.
+
+QuickGELU: the OpenAI CLIP weights (and so the TALL-masks / task_vectors experts finetuned
+from them with open_clip 2.x) use QuickGELU. open_clip's plain ``ViT-B-32`` config uses
+``nn.GELU``; build those towers with ``{"model": "ViT-B-32", "quick_gelu": true}`` (or the
+``ViT-B-32-quickgelu`` config), otherwise the weights load but the features are wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Mapping
+
+import torch
+
+from submerge.errors import ConfigError
+from submerge.models import Adapter, StateDict, block_count, check_arch_fields, strip_prefix
+
+log = logging.getLogger(__name__)
+
+_B = r"transformer\.resblocks\.(?P<block>\d+)\."
+_RAW_PREFIXES = ("model.visual.", "module.visual.", "visual.")
+_TINY_FIELDS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim")
+_TOP_KEYS = ("class_embedding", "positional_embedding", "conv1.weight",
+             "ln_pre.weight", "ln_pre.bias", "ln_post.weight", "ln_post.bias")
+_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+class OpenClipViTAdapter(Adapter):
+    """open_clip ``VisionTransformer`` (the image tower ``model.visual``)."""
+
+    name = "open_clip_vit"
+    rules = (
+        (re.compile(_B + r"attn\.in_proj_weight"), "attn", 3),
+        (re.compile(_B + r"attn\.out_proj\.weight"), "attn", 1),
+        (re.compile(_B + r"mlp\.c_(fc|proj)\.weight"), "mlp", 1),
+        (re.compile(_B + r"ln_[12]\.(weight|bias)"), "norm", 1),
+        (re.compile(_B + r"(attn\.in_proj_bias|attn\.out_proj\.bias|mlp\.c_(fc|proj)\.bias|ls_[12]\.gamma)"),
+         "other", 1),
+        (re.compile(r"class_embedding|positional_embedding|conv1\.weight"), "embed", 1),
+        (re.compile(r"ln_(pre|post)\.(weight|bias)"), "norm", 1),
+        (re.compile(r"proj"), "other", 1),
+    )
+
+    def required_keys(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+        n = max(block_count(state_dict, r"^transformer\.resblocks\.(\d+)\."), 1)
+        return list(_TOP_KEYS) + [f"transformer.resblocks.{i}.{k}" for i in range(n) for k in _BLOCK_KEYS]
+
+    def tower_state_dict(self, raw: Mapping[str, torch.Tensor]) -> StateDict:
+        """The image tower of ``raw`` under normalised keys; CheckpointError if it is not one."""
+        for prefix in _RAW_PREFIXES:
+            if any(key.startswith(prefix) for key in raw):
+                tower = strip_prefix(raw, prefix)
+                log.debug("open_clip_vit: kept %d keys under %r, dropped %d", len(tower), prefix,
+                          len(raw) - len(tower))
+                break
+        else:
+            tower = dict(raw)
+        self.check_tower(tower)
+        return tower
+
+    def build(self, arch: dict) -> torch.nn.Module:
+        """The image tower with random init, in eval mode, on the default torch device.
+
+        ``arch`` is ``{"model": <open_clip config name>, "quick_gelu": bool}`` (the tower of
+        ``open_clip.create_model(name, pretrained=None)``) or an explicit config with fields
+        ``image_size, patch_size, width, layers, heads, mlp_ratio, output_dim`` (+ optional
+        ``quick_gelu``) that builds ``open_clip.transformer.VisionTransformer`` directly.
+        """
+        import open_clip
+        from open_clip.transformer import QuickGELU, VisionTransformer
+
+        quick_gelu = bool(arch.get("quick_gelu", False))
+        if "model" in arch:
+            check_arch_fields(arch, ("model", "quick_gelu"), ("model",), self.name)
+            try:
+                model = open_clip.create_model(arch["model"], pretrained=None, force_quick_gelu=quick_gelu,
+                                               device=torch.get_default_device())
+            except RuntimeError as exc:
+                raise ConfigError(f"{self.name}: arch field 'model': {exc}") from exc
+            tower = model.visual
+        else:
+            check_arch_fields(arch, _TINY_FIELDS + ("quick_gelu",), _TINY_FIELDS, self.name)
+            tower = VisionTransformer(
+                image_size=int(arch["image_size"]), patch_size=int(arch["patch_size"]),
+                width=int(arch["width"]), layers=int(arch["layers"]), heads=int(arch["heads"]),
+                mlp_ratio=float(arch["mlp_ratio"]), output_dim=int(arch["output_dim"]),
+                act_layer=QuickGELU if quick_gelu else torch.nn.GELU,
+            )
+        return tower.eval()
+
+    def encode(self, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> projected image features ``(B, output_dim)``, not normalised.
+
+        Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation).
+        """
+        return module(inputs)

@@ -1,0 +1,246 @@
+"""Model adapters on tiny random-initialised towers, checked against the modules themselves.
+
+The expected attention / MLP weights come from walking ``named_modules()`` of each block
+(``nn.MultiheadAttention`` and ``nn.Linear`` layers and the type of their parent), not from
+key names, so the adapters' key patterns are checked against an independent enumeration.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from submerge.errors import CheckpointError, ConfigError
+from submerge.layers import num_blocks
+from submerge.models import get_adapter
+
+TINY_VIT = {"image_size": 16, "patch_size": 8, "width": 16, "layers": 3, "heads": 2, "mlp_ratio": 2.0, "output_dim": 8}
+
+
+def _linear_kinds(blocks: nn.ModuleList, prefix: str) -> dict[str, tuple[int, str, int]]:
+    """2-D attention / MLP weights of each block, found from module types."""
+    out = {}
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            parent = block.get_submodule(name.rpartition(".")[0])
+            if isinstance(module, nn.MultiheadAttention):
+                out[f"{prefix}{i}.{name}.in_proj_weight"] = (i, "attn", 3)
+                out[f"{prefix}{i}.{name}.out_proj.weight"] = (i, "attn", 1)
+            elif isinstance(module, nn.Linear) and not isinstance(parent, nn.MultiheadAttention):
+                kind = "attn" if "Attention" in type(parent).__name__ else "mlp"
+                out[f"{prefix}{i}.{name}.weight"] = (i, kind, 1)
+    return out
+
+
+def _found(adapter, sd) -> dict[str, tuple[int, str, int]]:
+    return {k: (i.block, i.kind, i.stacked) for k, i in adapter.layer_infos(sd).items() if i.kind in ("attn", "mlp")}
+
+
+def _check_norms_and_rest(adapter, module: nn.Module, block_prefixes: tuple[str, ...]):
+    """LayerNorm-like parameters are ``norm``; nothing 1-D is attn/mlp; blocks come from the prefix."""
+    infos = adapter.layer_infos(module.state_dict())
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.LayerNorm) or "LayerNorm" in type(sub).__name__:
+            for pname in sub.state_dict():
+                assert infos[f"{name}.{pname}"].kind == "norm", f"{name}.{pname}"
+    for key, tensor in module.state_dict().items():
+        info = infos[key]
+        if tensor.dim() != 2:
+            assert info.kind not in ("attn", "mlp"), key
+        in_block = next((p for p in block_prefixes if key.startswith(p)), None)
+        if in_block is None:
+            assert info.block is None, key
+        else:
+            assert info.block == int(key[len(in_block):].split(".")[0]), key
+    return infos
+
+
+def test_get_adapter_unknown():
+    with pytest.raises(ConfigError, match=r"'nope'.*hf_clip_vision.*hf_t5.*open_clip_vit"):
+        get_adapter("nope")
+    assert get_adapter("open_clip_vit").name == "open_clip_vit"
+
+
+# ---------------------------------------------------------------------------- open_clip
+
+
+def test_open_clip_layer_info_matches_modules():
+    adapter = get_adapter("open_clip_vit")
+    torch.manual_seed(0)
+    tower = adapter.build(TINY_VIT)
+    sd = tower.state_dict()
+    assert _found(adapter, sd) == _linear_kinds(tower.transformer.resblocks, "transformer.resblocks.")
+    infos = _check_norms_and_rest(adapter, tower, ("transformer.resblocks.",))
+    assert num_blocks(infos) == 3
+    assert {k: infos[k].kind for k in ("conv1.weight", "class_embedding", "positional_embedding", "proj")} == {
+        "conv1.weight": "embed", "class_embedding": "embed", "positional_embedding": "embed", "proj": "other"}
+    assert infos["transformer.resblocks.2.attn.in_proj_bias"].kind == "other"
+    assert infos["transformer.resblocks.1.mlp.c_fc.bias"].kind == "other"
+
+
+def test_open_clip_named_config_keys():
+    """The real ViT-B-32 tower (built on the meta device: keys and shapes, no memory)."""
+    adapter = get_adapter("open_clip_vit")
+    with torch.device("meta"):
+        tower = adapter.build({"model": "ViT-B-32", "quick_gelu": True})
+    sd = tower.state_dict()
+    adapter.check_tower(sd)
+    found = _found(adapter, sd)
+    assert found == _linear_kinds(tower.transformer.resblocks, "transformer.resblocks.")
+    assert len(found) == 48 and num_blocks(adapter.layer_infos(sd)) == 12
+    assert sd["transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 768, 768)
+    assert type(tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    with pytest.raises(ConfigError, match="'model'"):
+        adapter.build({"model": "ViT-NOPE-99"})
+    with pytest.raises(ConfigError, match="'heads'"):
+        adapter.build({k: v for k, v in TINY_VIT.items() if k != "heads"})
+    with pytest.raises(ConfigError, match="'depth'"):
+        adapter.build({**TINY_VIT, "depth": 3})
+
+
+def test_open_clip_tower_state_dict_from_wrappers():
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    adapter = get_adapter("open_clip_vit")
+    torch.manual_seed(0)
+    vision = {k: v for k, v in TINY_VIT.items() if k not in ("output_dim", "heads")}
+    vision["head_width"] = TINY_VIT["width"] // TINY_VIT["heads"]
+    clip = open_clip.model.CLIP(embed_dim=8, vision_cfg=CLIPVisionCfg(**vision),
+                                text_cfg=CLIPTextCfg(context_length=6, vocab_size=40, width=16, heads=2, layers=1))
+    want = clip.visual.state_dict()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want_features = clip.visual(images)
+    full = clip.state_dict()  # visual.* plus top-level text-tower keys (transformer.resblocks.* too)
+    tall = {"model." + k: v for k, v in full.items() if not k.startswith("transformer.")}  # TALL-masks layout
+    for raw in (full, tall, want):
+        tower_sd = adapter.tower_state_dict(raw)
+        assert tower_sd.keys() == want.keys()
+        assert all(torch.equal(tower_sd[k], want[k]) for k in want)
+    module = adapter.build(TINY_VIT)
+    module.load_state_dict(adapter.tower_state_dict(tall), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.encode(module, images), want_features)
+    assert adapter.encode(module, images).shape == (2, 8)
+
+
+def test_open_clip_rejects_foreign_or_incomplete():
+    adapter = get_adapter("open_clip_vit")
+    sd = adapter.build(TINY_VIT).state_dict()
+    missing = dict(sd)
+    del missing["transformer.resblocks.1.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointError, match=r"missing key 'transformer\.resblocks\.1\.mlp\.c_fc\.weight'"):
+        adapter.tower_state_dict(missing)
+    gap = {k: v for k, v in sd.items() if not k.startswith("transformer.resblocks.1.")}
+    with pytest.raises(CheckpointError, match=r"transformer\.resblocks\.1\."):
+        adapter.tower_state_dict(gap)
+    with pytest.raises(CheckpointError, match=r"unexpected key 'transformer\.resblocks\.0\.attn\.extra'"):
+        adapter.tower_state_dict({**sd, "transformer.resblocks.0.attn.extra": torch.ones(1)})
+    with pytest.raises(CheckpointError, match="unexpected key"):
+        adapter.tower_state_dict({"visual.trunk.blocks.0.weight": torch.ones(1)})
+    with pytest.raises(CheckpointError, match="unexpected key"):
+        adapter.layer_info("encoder.layers.0.self_attn.q_proj.weight")
+
+
+# ---------------------------------------------------------------------------- HF CLIP vision
+
+
+def _clip_vision_config():
+    return {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+            "image_size": 16, "patch_size": 8, "projection_dim": 8}
+
+
+def test_hf_clip_layer_info_matches_modules():
+    adapter = get_adapter("hf_clip_vision")
+    torch.manual_seed(0)
+    model = adapter.build(_clip_vision_config())
+    sd = model.state_dict()
+    expected = _linear_kinds(model.encoder.layers, "encoder.layers.")
+    assert _found(adapter, sd) == expected
+    assert sum(kind == "attn" for _, kind, _ in expected.values()) == 12  # q, k, v, out x 3 blocks
+    infos = _check_norms_and_rest(adapter, model, ("encoder.layers.",))
+    assert infos["embeddings.patch_embedding.weight"].kind == "embed"
+    assert infos["encoder.layers.0.self_attn.q_proj.bias"].kind == "other"
+    assert num_blocks(infos) == 3
+
+
+def test_hf_clip_tower_from_full_clip_model():
+    from transformers import CLIPConfig, CLIPModel
+
+    adapter = get_adapter("hf_clip_vision")
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=_clip_vision_config(),
+                                text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "vocab_size": 40, "bos_token_id": 0,
+                                             "eos_token_id": 1, "pad_token_id": 1},
+                                projection_dim=8)).eval()
+    raw = {**clip.state_dict(), "vision_model.embeddings.position_ids": torch.arange(5)[None]}  # legacy buffer
+    tower = adapter.tower_state_dict(raw)
+    module = adapter.build({"vision_config": _clip_vision_config()})
+    assert tower.keys() == module.state_dict().keys()
+    module.load_state_dict(tower, strict=True)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        got = adapter.encode(module, images)
+        want = clip.vision_model(pixel_values=images).pooler_output
+    assert got.shape == (2, 16)
+    torch.testing.assert_close(got, want)
+    broken = dict(tower)
+    del broken["encoder.layers.2.mlp.fc2.bias"]
+    with pytest.raises(CheckpointError, match=r"'encoder\.layers\.2\.mlp\.fc2\.bias'"):
+        adapter.tower_state_dict(broken)
+    with pytest.raises(CheckpointError, match="unexpected key '(logit_scale|text_model)"):
+        adapter.tower_state_dict({k[len("vision_model."):] if k.startswith("vision_model.") else k: v
+                                  for k, v in clip.state_dict().items()})
+
+
+# ---------------------------------------------------------------------------- T5
+
+
+def _t5_config(ffn: str) -> dict:
+    return {"vocab_size": 40, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 2, "num_decoder_layers": 3,
+            "num_heads": 2, "feed_forward_proj": ffn, "decoder_start_token_id": 0, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("ffn", ["relu", "gated-gelu"])
+def test_t5_layer_info_matches_modules(ffn):
+    adapter = get_adapter("hf_t5")
+    torch.manual_seed(0)
+    model = adapter.build(_t5_config(ffn))
+    sd = model.state_dict()
+    expected = {**_linear_kinds(model.encoder.block, "encoder.block."),
+                **_linear_kinds(model.decoder.block, "decoder.block.")}
+    assert _found(adapter, sd) == expected
+    n_ffn = 3 if ffn.startswith("gated") else 2
+    assert len(expected) == 2 * (4 + n_ffn) + 3 * (8 + n_ffn)
+    infos = _check_norms_and_rest(adapter, model, ("encoder.block.", "decoder.block."))
+    assert num_blocks(infos) == 3  # decoder block i shares depth i with encoder block i
+    assert infos["lm_head.weight"].kind == "head"
+    assert infos["shared.weight"].kind == infos["decoder.embed_tokens.weight"].kind == "embed"
+    assert infos["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].kind == "other"
+
+
+def test_t5_tower_fills_tied_names_and_encodes():
+    adapter = get_adapter("hf_t5")
+    torch.manual_seed(0)
+    model = adapter.build(_t5_config("relu"))
+    full = model.state_dict()
+    saved = {k: v.clone() for k, v in full.items()
+             if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")}
+    tower = adapter.tower_state_dict(saved)
+    assert tower.keys() == full.keys()
+    fresh = adapter.build(_t5_config("relu"))
+    fresh.load_state_dict(tower, strict=True)
+    inputs = {"input_ids": torch.tensor([[3, 4, 5, 1]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+              "labels": torch.tensor([[6, 1]])}
+    with torch.no_grad():
+        got = adapter.encode(fresh, inputs)
+        torch.testing.assert_close(got, adapter.encode(model, inputs))
+    assert got.shape == (1, 2, 40)
+    with pytest.raises(ValueError, match="labels"):
+        adapter.encode(model, {"input_ids": inputs["input_ids"]})
+    del saved["decoder.block.2.layer.1.EncDecAttention.k.weight"]
+    with pytest.raises(CheckpointError, match=r"'decoder\.block\.2\.layer\.1\.EncDecAttention\.k\.weight'"):
+        adapter.tower_state_dict(saved)
