@@ -147,53 +147,134 @@ def test_open_clip_rejects_foreign_or_incomplete():
 # ---------------------------------------------------------------------------- HF CLIP vision
 
 
-def _clip_vision_config():
+def _clip_vision_config(**extra):
     return {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
-            "image_size": 16, "patch_size": 8, "projection_dim": 8}
+            "image_size": 16, "patch_size": 8, **extra}
+
+
+def _tiny_clip():
+    """A full transformers CLIPModel (vision + text tower), projection_dim 8."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(vision_config=_clip_vision_config(),
+                                text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "vocab_size": 40, "bos_token_id": 0,
+                                             "eos_token_id": 1, "pad_token_id": 1},
+                                projection_dim=8)).eval()
+
+
+def _projected(clip, images):
+    """Independent computation of CLIP's image features: pooled output times visual_projection."""
+    with torch.no_grad():
+        return clip.vision_model(pixel_values=images).pooler_output @ clip.visual_projection.weight.T
 
 
 def test_hf_clip_layer_info_matches_modules():
     adapter = get_adapter("hf_clip_vision")
     torch.manual_seed(0)
-    model = adapter.build(_clip_vision_config())
+    model = adapter.build(_clip_vision_config(projection_dim=8))
     sd = model.state_dict()
-    expected = _linear_kinds(model.encoder.layers, "encoder.layers.")
+    assert sd.keys() == set(adapter.required_keys(sd)) | {"visual_projection.weight"}
+    expected = _linear_kinds(model.vision_model.encoder.layers, "vision_model.encoder.layers.")
     assert _found(adapter, sd) == expected
     assert sum(kind == "attn" for _, kind, _ in expected.values()) == 12  # q, k, v, out x 3 blocks
-    infos = _check_norms_and_rest(adapter, model, ("encoder.layers.",))
-    assert infos["embeddings.patch_embedding.weight"].kind == "embed"
-    assert infos["encoder.layers.0.self_attn.q_proj.bias"].kind == "other"
+    assert sum(kind == "mlp" for _, kind, _ in expected.values()) == 6  # fc1, fc2 x 3 blocks
+    infos = _check_norms_and_rest(adapter, model, ("vision_model.encoder.layers.",))
+    assert infos["vision_model.embeddings.patch_embedding.weight"].kind == "embed"
+    assert infos["vision_model.encoder.layers.0.self_attn.q_proj.bias"].kind == "other"
+    assert (infos["visual_projection.weight"].block, infos["visual_projection.weight"].kind) == (None, "head")
+    assert sd["visual_projection.weight"].shape == (8, 16)
     assert num_blocks(infos) == 3
 
 
-def test_hf_clip_tower_from_full_clip_model():
-    from transformers import CLIPConfig, CLIPModel
-
+def test_hf_clip_build_from_vision_or_full_config():
     adapter = get_adapter("hf_clip_vision")
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(vision_config=_clip_vision_config(),
-                                text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                             "num_attention_heads": 2, "vocab_size": 40, "bos_token_id": 0,
-                                             "eos_token_id": 1, "pad_token_id": 1},
-                                projection_dim=8)).eval()
+    full = adapter.build({"vision_config": _clip_vision_config(projection_dim=4), "projection_dim": 8})
+    assert full.visual_projection.weight.shape == (8, 16)  # CLIPModel uses the top-level projection_dim
+    assert adapter.build(_clip_vision_config(projection_dim=6)).visual_projection.weight.shape == (6, 16)
+    with pytest.raises(ConfigError, match="arch must be a mapping"):
+        adapter.build([1, 2])
+
+
+def test_hf_clip_real_config_keys():
+    """The suite's ViT-B/32 tower (meta device: keys and shapes only)."""
+    adapter = get_adapter("hf_clip_vision")
+    arch = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "image_size": 224, "patch_size": 32, "projection_dim": 512}
+    with torch.device("meta"):
+        model = adapter.build(arch)
+    sd = model.state_dict()
+    adapter.check_tower(sd)
+    found = _found(adapter, sd)
+    assert found == _linear_kinds(model.vision_model.encoder.layers, "vision_model.encoder.layers.")
+    assert len(found) == 72 and num_blocks(adapter.layer_infos(sd)) == 12
+    assert sd["visual_projection.weight"].shape == (512, 768)
+
+
+def test_hf_clip_tower_from_full_clip_model():
+    adapter = get_adapter("hf_clip_vision")
+    clip = _tiny_clip()
     raw = {**clip.state_dict(), "vision_model.embeddings.position_ids": torch.arange(5)[None]}  # legacy buffer
     tower = adapter.tower_state_dict(raw)
-    module = adapter.build({"vision_config": _clip_vision_config()})
+    module = adapter.build({"vision_config": _clip_vision_config(), "projection_dim": 8})
     assert tower.keys() == module.state_dict().keys()
+    assert torch.equal(tower["visual_projection.weight"], clip.visual_projection.weight)
     module.load_state_dict(tower, strict=True)
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         got = adapter.encode(module, images)
-        want = clip.vision_model(pixel_values=images).pooler_output
-    assert got.shape == (2, 16)
-    torch.testing.assert_close(got, want)
+    assert got.shape == (2, 8)
+    torch.testing.assert_close(got, _projected(clip, images))
     broken = dict(tower)
-    del broken["encoder.layers.2.mlp.fc2.bias"]
-    with pytest.raises(CheckpointError, match=r"'encoder\.layers\.2\.mlp\.fc2\.bias'"):
+    del broken["vision_model.encoder.layers.2.mlp.fc2.bias"]
+    with pytest.raises(CheckpointError, match=r"'vision_model\.encoder\.layers\.2\.mlp\.fc2\.bias'"):
         adapter.tower_state_dict(broken)
-    with pytest.raises(CheckpointError, match="unexpected key '(logit_scale|text_model)"):
-        adapter.tower_state_dict({k[len("vision_model."):] if k.startswith("vision_model.") else k: v
-                                  for k, v in clip.state_dict().items()})
+    with pytest.raises(CheckpointError, match=r"unexpected key 'vision_model\.extra'"):
+        adapter.tower_state_dict({**raw, "vision_model.extra": torch.ones(1)})
+    stripped = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v
+                for k, v in clip.state_dict().items()}  # no known layout: text keys are not dropped
+    with pytest.raises(CheckpointError, match="unexpected key '(logit_scale|text_model|text_projection)"):
+        adapter.tower_state_dict(stripped)
+
+
+def test_hf_clip_vision_only_expert_completed_from_base():
+    """FusionBench experts are CLIPVisionModel checkpoints: no visual_projection, taken from the base."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    adapter = get_adapter("hf_clip_vision")
+    clip = _tiny_clip()
+    base = adapter.tower_state_dict(clip.state_dict())
+    torch.manual_seed(1)  # an "expert": the same architecture, other weights
+    vision = CLIPVisionModel(CLIPVisionConfig(**_clip_vision_config())).eval()
+    t5_layout = vision.state_dict()  # transformers 5: no "vision_model." prefix
+    t4_layout = {"vision_model." + k: v for k, v in t5_layout.items()}  # as FusionBench saved them
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = vision(pixel_values=images).pooler_output @ clip.visual_projection.weight.T
+    for raw in (t5_layout, t4_layout):
+        expert = adapter.tower_state_dict(raw)
+        assert expert.keys() == base.keys() - {"visual_projection.weight"}
+        assert all(torch.equal(expert["vision_model." + k], v) for k, v in t5_layout.items())
+        done = adapter.complete_from_base(expert, base)
+        assert done.keys() == base.keys()
+        assert torch.equal(done["visual_projection.weight"], base["visual_projection.weight"])
+        module = adapter.build(_clip_vision_config(projection_dim=8))
+        module.load_state_dict(done, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(adapter.encode(module, images), want)
+    # an expert that carries its own projection keeps it
+    own = {**base, "visual_projection.weight": torch.zeros(8, 16)}
+    assert torch.equal(adapter.complete_from_base(own, base)["visual_projection.weight"], torch.zeros(8, 16))
+    # any other missing key is an error, projection or not
+    gap = {k: v for k, v in t4_layout.items() if k != "vision_model.encoder.layers.1.self_attn.k_proj.weight"}
+    with pytest.raises(CheckpointError, match=r"missing key 'vision_model\.encoder\.layers\.1\.self_attn\.k_proj"):
+        adapter.tower_state_dict(gap)
+    with pytest.raises(CheckpointError, match=r"missing key 'vision_model\.encoder\.layers\.1\.self_attn\.k_proj"):
+        adapter.complete_from_base({k: base[k] for k in gap}, base)
+    # a base without projection cannot complete a vision-only expert
+    with pytest.raises(CheckpointError, match=r"neither the expert nor the base.*'visual_projection\.weight'"):
+        adapter.complete_from_base(adapter.tower_state_dict(t4_layout), adapter.tower_state_dict(t4_layout))
 
 
 # ---------------------------------------------------------------------------- T5

@@ -157,7 +157,7 @@ def build_expert(suite: Mapping, expert: str, base_path: PathLike, out_model: Pa
                    "classes": list(digits.TASKS[spec["task"]].classes)})
     else:
         raw, info = _load_source(spec, f"expert {expert}")
-        sd = adapter.tower_state_dict(raw)
+        sd = adapter.complete_from_base(adapter.tower_state_dict(raw), base_sd)
         meta.update(info)
         _build_real_head(suite, expert, out_head)
     validate_state_dicts(base_sd, {expert: sd})

@@ -68,6 +68,12 @@ class Adapter:
     def encode(self, module: torch.nn.Module, inputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def complete_from_base(self, expert_sd: Mapping[str, torch.Tensor],
+                           base_sd: Mapping[str, torch.Tensor]) -> StateDict:
+        """Fill keys an expert checkpoint does not carry but the tower has (the expert never
+        changed them) from the base. Default: nothing is missing by construction."""
+        return dict(expert_sd)
+
     def required_keys(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """Keys a complete tower must have, given the block count seen in ``state_dict``."""
         raise NotImplementedError

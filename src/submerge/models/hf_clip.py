@@ -1,32 +1,42 @@
-"""Adapter for transformers ``CLIPVisionModel`` (FusionBench's experts).
+"""Adapter for transformers ``CLIPVisionModelWithProjection`` (FusionBench's experts).
 
-FusionBench merges ``tanganke/clip-vit-base-patch32_<task>`` experts finetuned from
-``openai/clip-vit-base-patch32``; both are ``CLIPVisionModel`` checkpoints. Normalised keys
-are the ``CLIPVisionModel``'s own ``state_dict()`` keys, which in transformers 5 carry no
-``vision_model.`` prefix:
+FusionBench merges ``tanganke/clip-vit-base-patch32_<task>`` experts (``CLIPVisionModel``
+checkpoints) finetuned from ``openai/clip-vit-base-patch32`` (a full ``CLIPModel``), and
+classifies with the *pretrained* ``CLIPModel.visual_projection`` applied on top of the
+finetuned tower. Zero-shot heads (:func:`submerge.data.heads.zero_shot_head`) live in that
+projected space, and the projection comes before the head's normalisation, so it belongs to
+the encoder: the tower here is ``CLIPVisionModelWithProjection`` and :meth:`encode` returns
+its ``image_embeds`` (``projection_dim`` wide).
 
-=====================================================================  ======  =====
-key                                                                     kind    block
-=====================================================================  ======  =====
-``encoder.layers.{i}.self_attn.{q,k,v,out}_proj.weight``                attn    i
-``encoder.layers.{i}.mlp.fc1.weight`` / ``fc2.weight``                  mlp     i
-``encoder.layers.{i}.layer_norm{1,2}.*``                                norm    i
-biases of the projections and of ``fc1`` / ``fc2``                      other   i
-``embeddings.{class_embedding,patch_embedding.weight,position_embedding.weight}``  embed  None
-``pre_layrnorm.*``, ``post_layernorm.*``                                norm    None
-=====================================================================  ======  =====
+Normalised keys are ``CLIPVisionModelWithProjection.state_dict()`` keys (transformers 5),
+which are also the vision keys of a full ``CLIPModel``:
+
+==============================================================================  ======  =====
+key                                                                              kind    block
+==============================================================================  ======  =====
+``vision_model.encoder.layers.{i}.self_attn.{q,k,v,out}_proj.weight``            attn    i
+``vision_model.encoder.layers.{i}.mlp.fc1.weight`` / ``fc2.weight``              mlp     i
+``vision_model.encoder.layers.{i}.layer_norm{1,2}.*``                            norm    i
+biases of the projections and of ``fc1`` / ``fc2``                               other   i
+``vision_model.embeddings.{class_embedding,patch_embedding.weight,
+position_embedding.weight}``                                                     embed   None
+``vision_model.pre_layrnorm.*``, ``vision_model.post_layernorm.*``               norm    None
+``visual_projection.weight``                                                     head    None
+==============================================================================  ======  =====
 
 Every entry has ``stacked = 1`` (q, k, v are separate matrices here).
 
-Raw checkpoints may carry a ``vision_model.`` prefix (``CLIPVisionModel`` saved by
-transformers 4, or a full ``CLIPModel``, whose text tower, ``visual_projection``,
-``text_projection`` and ``logit_scale`` are dropped); the legacy
-``embeddings.position_ids`` buffer is dropped too.
+Raw checkpoints accepted by :meth:`~HFCLIPVisionAdapter.tower_state_dict`:
 
-``encode`` returns the pooled output (post-layernorm CLS token), *without* a visual
-projection: the tower that is merged has none. FusionBench's classifier applies the
-*pretrained* ``CLIPModel.visual_projection`` to this pooled output before comparing with the
-zero-shot text embeddings, so that projection belongs to the classification head.
+* a full ``CLIPModel`` (``openai/clip-vit-base-patch32``): ``text_model.*``,
+  ``text_projection.weight`` and ``logit_scale`` are dropped;
+* a ``CLIPVisionModelWithProjection``: taken as it is;
+* a ``CLIPVisionModel`` saved by transformers 4 (``vision_model.*``: FusionBench's experts)
+  or its transformers 5 ``state_dict()`` (the same keys without ``vision_model.``). These
+  carry **no** ``visual_projection``: the expert never changed it, so the pipeline takes the
+  base's with :meth:`~HFCLIPVisionAdapter.complete_from_base` (its task vector is then zero).
+
+The legacy ``vision_model.embeddings.position_ids`` buffer is dropped.
 """
 
 from __future__ import annotations
@@ -37,23 +47,27 @@ from typing import Mapping
 
 import torch
 
-from submerge.errors import ConfigError
-from submerge.models import Adapter, StateDict, block_count, strip_prefix
+from submerge.errors import CheckpointError, ConfigError
+from submerge.models import Adapter, StateDict, block_count
 
 log = logging.getLogger(__name__)
 
-_B = r"encoder\.layers\.(?P<block>\d+)\."
-_TOP_KEYS = ("embeddings.class_embedding", "embeddings.patch_embedding.weight",
-             "embeddings.position_embedding.weight", "pre_layrnorm.weight", "pre_layrnorm.bias",
-             "post_layernorm.weight", "post_layernorm.bias")
+_PREFIX = "vision_model."
+_PROJECTION = "visual_projection.weight"
+_B = r"vision_model\.encoder\.layers\.(?P<block>\d+)\."
+_TOP_KEYS = tuple(_PREFIX + k for k in (
+    "embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight",
+    "pre_layrnorm.weight", "pre_layrnorm.bias", "post_layernorm.weight", "post_layernorm.bias"))
 _BLOCK_KEYS = tuple(f"self_attn.{p}_proj.{w}" for p in ("q", "k", "v", "out") for w in ("weight", "bias")) + (
     "layer_norm1.weight", "layer_norm1.bias", "layer_norm2.weight", "layer_norm2.bias",
     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
-_LEGACY_BUFFERS = ("embeddings.position_ids",)
+_LEGACY_BUFFER = _PREFIX + "embeddings.position_ids"
+_CLIP_TEXT = re.compile(r"text_model\..*|text_projection\.weight|logit_scale")  # a CLIPModel's text side
+_TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")  # CLIPVisionModel, transformers 5
 
 
 class HFCLIPVisionAdapter(Adapter):
-    """transformers ``CLIPVisionModel``."""
+    """transformers ``CLIPVisionModelWithProjection``."""
 
     name = "hf_clip_vision"
     rules = (
@@ -61,45 +75,74 @@ class HFCLIPVisionAdapter(Adapter):
         (re.compile(_B + r"mlp\.fc[12]\.weight"), "mlp", 1),
         (re.compile(_B + r"layer_norm[12]\.(weight|bias)"), "norm", 1),
         (re.compile(_B + r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.bias"), "other", 1),
-        (re.compile(r"embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"),
+        (re.compile(r"vision_model\.embeddings\.(class_embedding|patch_embedding\.weight|position_embedding\.weight)"),
          "embed", 1),
-        (re.compile(r"(pre_layrnorm|post_layernorm)\.(weight|bias)"), "norm", 1),
+        (re.compile(r"vision_model\.(pre_layrnorm|post_layernorm)\.(weight|bias)"), "norm", 1),
+        (re.compile(re.escape(_PROJECTION)), "head", 1),
     )
 
     def required_keys(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-        n = max(block_count(state_dict, r"^encoder\.layers\.(\d+)\."), 1)
-        return list(_TOP_KEYS) + [f"encoder.layers.{i}.{k}" for i in range(n) for k in _BLOCK_KEYS]
+        """Keys every checkpoint of the tower carries: all but ``visual_projection.weight``,
+        which a ``CLIPVisionModel`` checkpoint lacks (see :meth:`complete_from_base`)."""
+        n = max(block_count(state_dict, r"^vision_model\.encoder\.layers\.(\d+)\."), 1)
+        return list(_TOP_KEYS) + [f"{_PREFIX}encoder.layers.{i}.{k}" for i in range(n) for k in _BLOCK_KEYS]
 
     def tower_state_dict(self, raw: Mapping[str, torch.Tensor]) -> StateDict:
-        """The vision tower of ``raw`` under normalised keys; CheckpointError if it is not one."""
-        if any(key.startswith("vision_model.") for key in raw):
-            tower = strip_prefix(raw, "vision_model.")
-            log.debug("hf_clip_vision: kept %d keys under 'vision_model.', dropped %d", len(tower),
-                      len(raw) - len(tower))
-        else:
-            tower = dict(raw)
-        for key in _LEGACY_BUFFERS:
-            tower.pop(key, None)
+        """The vision tower of ``raw`` under normalised keys; CheckpointError if it is not one.
+
+        ``visual_projection.weight`` is kept when ``raw`` has it and may be missing (a
+        ``CLIPVisionModel`` checkpoint); every other key of the tower must be there.
+        """
+        if any(key.startswith(_PREFIX) for key in raw):  # CLIPModel, ...WithProjection, transformers-4 vision model
+            tower = {k: v for k, v in raw.items() if not _CLIP_TEXT.fullmatch(k)}
+        else:  # transformers-5 CLIPVisionModel.state_dict(): the same tower without the prefix
+            tower = {(_PREFIX + k if k.startswith(_TOWER_PARTS) else k): v for k, v in raw.items()}
+        tower.pop(_LEGACY_BUFFER, None)
+        log.debug("hf_clip_vision: kept %d of %d checkpoint entries", len(tower), len(raw))
         self.check_tower(tower)
+        if _PROJECTION not in tower:
+            log.info("hf_clip_vision: checkpoint has no %r (a CLIPVisionModel); complete_from_base fills "
+                     "it from the base", _PROJECTION)
         return tower
 
-    def build(self, arch: dict) -> torch.nn.Module:
-        """``CLIPVisionModel`` with random init, in eval mode, on the default torch device.
+    def complete_from_base(self, expert_sd: Mapping[str, torch.Tensor],
+                           base_sd: Mapping[str, torch.Tensor]) -> StateDict:
+        """``expert_sd`` (a :meth:`tower_state_dict`) with ``visual_projection.weight`` taken from
+        the base when the expert checkpoint does not carry it (FusionBench's experts never
+        change it); CheckpointError if neither has it or the result is not a complete tower."""
+        sd = dict(expert_sd)
+        if _PROJECTION not in sd:
+            if _PROJECTION not in base_sd:
+                raise CheckpointError(f"adapter {self.name!r}: neither the expert nor the base checkpoint has "
+                                      f"{_PROJECTION!r}; the base must be a full CLIPModel or a "
+                                      "CLIPVisionModelWithProjection")
+            sd[_PROJECTION] = base_sd[_PROJECTION]
+            log.info("hf_clip_vision: %r taken from the base", _PROJECTION)
+        self.check_tower(sd, source="expert checkpoint completed from the base")
+        return sd
 
-        ``arch`` is a ``CLIPVisionConfig`` dict (e.g. ``{"hidden_size": 768, ...}`` or a
-        ``config.json``); a full ``CLIPConfig`` dict contributes its ``vision_config``.
+    def build(self, arch: dict) -> torch.nn.Module:
+        """``CLIPVisionModelWithProjection`` with random init, in eval mode, on the default device.
+
+        ``arch`` is a ``CLIPVisionConfig`` dict with ``projection_dim`` (e.g. a ``config.json``
+        of a ``CLIPVisionModel``), or a full ``CLIPConfig`` dict: its ``vision_config`` with
+        its top-level ``projection_dim`` (which ``CLIPModel`` uses). A missing
+        ``projection_dim`` takes transformers' default (512).
         """
-        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if not isinstance(arch, Mapping):
             raise ConfigError(f"{self.name}: arch must be a mapping of CLIPVisionConfig fields, got {arch!r}")
         fields = dict(arch.get("vision_config", arch))
+        if "vision_config" in arch and "projection_dim" in arch:
+            fields["projection_dim"] = arch["projection_dim"]
         try:
             config = CLIPVisionConfig.from_dict(fields)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.name}: invalid CLIPVisionConfig {fields!r}: {exc}") from exc
-        return CLIPVisionModel(config).eval()
+        return CLIPVisionModelWithProjection(config).eval()
 
     def encode(self, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """Pixel values ``(B, 3, H, W)`` -> pooled output ``(B, hidden_size)`` (no projection)."""
-        return module(pixel_values=inputs).pooler_output
+        """Pixel values ``(B, 3, H, W)`` -> ``image_embeds`` ``(B, projection_dim)``: the pooled
+        output (post-layernorm CLS token) times ``visual_projection``, not normalised."""
+        return module(pixel_values=inputs).image_embeds
