@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,21 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from submerge.errors import CheckpointError
-from submerge.io.atomic import atomic_path, write_text_atomic
+from submerge.io.atomic import atomic_path, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 _RESERVED_META = ("sha256", "dtype", "n_params")
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str, what: str | None = None) -> None:

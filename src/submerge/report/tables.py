@@ -1,0 +1,792 @@
+"""Tables of the report: builders (pandas frames) and one writer (CSV + Markdown + LaTeX).
+
+Builders take the pipeline's frames and return a frame whose cells are numbers, ``NaN``
+for a **gap** (a method, group or task without results; shown as "—") or ``""`` for
+**not applicable** (e.g. the Δ of a method without boosting; shown empty). Accuracies are
+in percent. :func:`write_table` formats any such frame deterministically.
+
+The scores frame (``results/{suite}/scores.csv``) has the columns of :data:`SCORE_COLUMNS`:
+one row per (group, method, alpha, beta, split, task), accuracies as fractions in 0..1,
+``beta`` NaN for methods without boosting, test rows only at the grid point chosen on
+validation. ``methods`` is the config's ``methods`` mapping, in config order:
+``name -> {"rule": ..., "lines": {...}?, "boost": {...}?, "label": str?, ...}``.
+
+Averages: *absolute* accuracy = mean over the group's tasks of ``accuracy``; *normalised*
+accuracy = mean over tasks of ``accuracy / expert_accuracy`` (Wang et al. 2024; the grid
+point is chosen on validation by the normalised average, :data:`SELECT_BY`). An average
+over fewer tasks than the group has is never reported: it becomes a gap (and a warning).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from submerge.io.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = (
+    "suite",
+    "group",
+    "n_experts",
+    "method",
+    "alpha",
+    "beta",
+    "split",
+    "task",
+    "accuracy",
+    "expert_accuracy",
+    "zeroshot_accuracy",
+)
+SELECTION_COLUMNS = ("setting", "draw", "split", "task", "task_set", "accuracy")
+TIMING_COLUMNS = ("method", "group", "n_experts", "rule", "seconds", "max_rss_mb")
+
+SELECT_BY = "norm"  # default validation criterion: average normalised accuracy
+_CRITERIA = {"norm": "norm", "normalized": "norm", "acc": "acc", "absolute": "acc"}
+GAP = "—"  # missing value in Markdown (LaTeX: ---); empty in CSV
+NA = ""  # not applicable (empty everywhere)
+CSV_DECIMALS = 4
+
+RULE_LABELS = {
+    "task_arithmetic": "TA",
+    "ties": "TIES",
+    "consensus": "Consensus",
+    "tsv_m": "TSV-M",
+    "iso_c": "Iso-C",
+    "iso_cts": "Iso-CTS",
+    "hogsvd": "HO-GSVD",
+}
+SOTA_RULES = ("tsv_m", "iso_c", "iso_cts")
+SELECTION_SETTINGS = {"random": "Random", "hogsvd": "HO-GSVD"}
+TASK_SETS = {"pool": "Pool", "ext": "Ext", "all": "All"}
+
+Methods = Mapping[str, Mapping[str, Any]]
+Groups = Mapping[str, Sequence[str]] | Sequence[str] | None
+
+
+# ------------------------------------------------------------------------ method metadata
+
+
+def is_boosted(meta: Mapping[str, Any]) -> bool:
+    """A method is boosted when its config has a ``boost`` entry (``boost: {}`` counts)."""
+    return meta.get("boost") is not None
+
+
+def has_lines(meta: Mapping[str, Any]) -> bool:
+    """A method uses LiNeS when its config has a ``lines`` entry (``lines: {}`` counts)."""
+    return meta.get("lines") is not None
+
+
+def _auto_label(meta: Mapping[str, Any]) -> str:
+    label = RULE_LABELS.get(meta.get("rule"), str(meta.get("rule")))
+    if has_lines(meta):
+        label += " + LiNeS"
+    if is_boosted(meta):
+        label += " + SB"
+    return label
+
+
+def method_labels(methods: Methods) -> dict[str, str]:
+    """Display name of each method: its ``label``, else built from the rule
+    ("TA + LiNeS + SB"); names are appended in parentheses where labels would collide."""
+    labels = {name: str(meta.get("label") or _auto_label(meta)) for name, meta in methods.items()}
+    counts = Counter(labels.values())
+    return {name: (f"{lab} ({name})" if counts[lab] > 1 else lab) for name, lab in labels.items()}
+
+
+def base_method(name: str, methods: Methods) -> str | None:
+    """The method a boosted method is compared against: the first method (config order)
+    without ``boost`` whose settings equal ``name``'s apart from ``boost`` and ``label``
+    (same rule, same ``lines``, same hyperparameters). None if ``name`` is not boosted or
+    no such method is configured."""
+    meta = methods[name]
+    if not is_boosted(meta):
+        return None
+    strip = {k: v for k, v in meta.items() if k not in ("boost", "label")}
+    for other, ometa in methods.items():
+        if other != name and not is_boosted(ometa):
+            if {k: v for k, v in ometa.items() if k != "label"} == strip:
+                return other
+    return None
+
+
+def _boost_layers(meta: Mapping[str, Any]) -> str:
+    boost = meta.get("boost")
+    return str(boost.get("layers", "both")) if isinstance(boost, Mapping) else "both"
+
+
+# ---------------------------------------------------------------------------- summaries
+
+
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    """ValueError naming the missing columns of the ``what`` frame."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} frame lacks column(s) {missing}; has {list(frame.columns)}")
+
+
+def _prepare_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """Validated copy with a ``norm`` column (accuracy / expert_accuracy)."""
+    require_columns(scores, [c for c in SCORE_COLUMNS if c != "suite"], "scores")
+    if scores.empty:
+        raise ValueError("scores frame is empty: nothing to tabulate")
+    df = scores.copy()
+    bad_split = sorted(set(df["split"]) - {"val", "test"})
+    if bad_split:
+        raise ValueError(f"scores: column 'split' has values {bad_split}; expected 'val'/'test'")
+    for col in ("accuracy", "expert_accuracy", "zeroshot_accuracy"):
+        vals = pd.to_numeric(df[col], errors="raise").astype(float)
+        out = df.loc[(vals < 0) | (vals > 1), ["group", "task", col]]
+        if len(out):
+            row = out.iloc[0]
+            raise ValueError(
+                f"scores: {col} must be a fraction in 0..1, got {row[col]} for "
+                f"group {row['group']!r}, task {row['task']!r}"
+            )
+        df[col] = vals
+    zero = df.loc[df["expert_accuracy"] <= 0]
+    if len(zero):
+        raise ValueError(
+            f"scores: expert_accuracy is 0 for task {zero['task'].iloc[0]!r} "
+            "(normalised accuracy undefined)"
+        )
+    nan = df["accuracy"].isna()
+    if nan.any():
+        log.warning(
+            "scores: dropping %d rows with NaN accuracy (tasks %s)",
+            int(nan.sum()),
+            sorted(set(df.loc[nan, "task"])),
+        )
+        df = df.loc[~nan]
+    df["norm"] = df["accuracy"] / df["expert_accuracy"]
+    return df
+
+
+def _group_tasks(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Each group's tasks, in order of first appearance (any split)."""
+    return {g: list(dict.fromkeys(sub["task"])) for g, sub in df.groupby("group", sort=False)}
+
+
+def group_order(frame: pd.DataFrame, groups: Groups = None) -> list[str]:
+    """Groups ordered by number of experts, then name. ``groups`` (config ``groups``
+    mapping or list of names) adds groups that have no rows; their size comes from the
+    mapping's expert lists, or they go last."""
+    n = {g: int(v) for g, v in frame.groupby("group", sort=False)["n_experts"].first().items()}
+    if isinstance(groups, Mapping):
+        for g, experts in groups.items():
+            n.setdefault(g, len(experts))
+    elif groups is not None:
+        for g in groups:
+            n.setdefault(g, math.inf)
+    return sorted(n, key=lambda g: (n[g], g))
+
+
+def _n_tasks(frame: pd.DataFrame, tasks: Mapping[str, list[str]]) -> np.ndarray:
+    """Number of tasks of each row's group (works on empty frames too)."""
+    return np.array([len(tasks[g]) for g in frame["group"]], dtype=np.int64)
+
+
+def grid_summary(scores: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Average accuracy of every (group, method, alpha, beta) on ``split``.
+
+    Columns: group, n_experts, method, alpha, beta, n_tasks, acc, norm (both in %).
+    ``acc``/``norm`` are NaN (with a warning) where fewer tasks than the group has were
+    scored. For ``split="test"`` each (group, method) must have a single grid point.
+    """
+    df = _prepare_scores(scores)
+    tasks = _group_tasks(df)
+    sub = df.loc[df["split"] == split]
+    keys = ["group", "n_experts", "method", "alpha", "beta"]
+    out = (
+        sub.groupby(keys, dropna=False, sort=False)
+        .agg(n_tasks=("task", "nunique"), acc=("accuracy", "mean"), norm=("norm", "mean"))
+        .reset_index()
+    )
+    out["acc"] *= 100.0
+    out["norm"] *= 100.0
+    short = out["n_tasks"] < _n_tasks(out, tasks)
+    for _, row in out.loc[short].iterrows():
+        log.warning(
+            "%s scores of method %r in group %r cover %d of %d tasks: shown as a gap",
+            split,
+            row["method"],
+            row["group"],
+            row["n_tasks"],
+            len(tasks[row["group"]]),
+        )
+    out.loc[short, ["acc", "norm"]] = np.nan
+    if split == "test":
+        dup = out.duplicated(["group", "method"], keep=False)
+        if dup.any():
+            row = out.loc[dup].iloc[0]
+            raise ValueError(
+                f"scores: test rows of method {row['method']!r} in group "
+                f"{row['group']!r} span several grid points (alpha, beta); "
+                "expected only the point chosen on validation"
+            )
+    return out
+
+
+def reference_summary(scores: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Zero-shot and finetuned averages per group (%, one value per task, then the mean).
+
+    Columns: group, n_experts, zeroshot_acc, zeroshot_norm, finetuned_acc, finetuned_norm.
+    """
+    df = _prepare_scores(scores)
+    tasks = _group_tasks(df)
+    sub = df.loc[df["split"] == split]
+    per_task = (
+        sub.groupby(["group", "n_experts", "task"], sort=False)[
+            ["expert_accuracy", "zeroshot_accuracy"]
+        ]
+        .mean()
+        .reset_index()
+    )
+    per_task["zeroshot_norm"] = per_task["zeroshot_accuracy"] / per_task["expert_accuracy"]
+    out = (
+        per_task.groupby(["group", "n_experts"], sort=False)
+        .agg(
+            n_tasks=("task", "nunique"),
+            zeroshot_acc=("zeroshot_accuracy", "mean"),
+            zeroshot_norm=("zeroshot_norm", "mean"),
+            finetuned_acc=("expert_accuracy", "mean"),
+        )
+        .reset_index()
+    )
+    out["finetuned_norm"] = 1.0
+    value_cols = ["zeroshot_acc", "zeroshot_norm", "finetuned_acc", "finetuned_norm"]
+    out[value_cols] *= 100.0
+    short = out["n_tasks"] < _n_tasks(out, tasks)
+    out.loc[short, value_cols] = np.nan
+    return out.drop(columns="n_tasks")
+
+
+def _criterion(select_by: str) -> str:
+    try:
+        return _CRITERIA[select_by]
+    except KeyError:
+        raise ValueError(
+            f"select_by must be one of {sorted(_CRITERIA)}, got {select_by!r}"
+        ) from None
+
+
+def best_on_val(
+    scores: pd.DataFrame, by: Sequence[str] = ("group", "method"), select_by: str = SELECT_BY
+) -> pd.DataFrame:
+    """For each combination of ``by`` the validation grid point with the highest average
+    ``select_by`` accuracy ("norm"/"normalized" or "acc"/"absolute", the config's
+    ``eval.selection_metric``; ties: first in file order). Columns as :func:`grid_summary`."""
+    crit = _criterion(select_by)
+    val = grid_summary(scores, "val").dropna(subset=[crit])
+    idx = val.groupby(list(by), dropna=False, sort=False)[crit].idxmax()
+    return val.loc[idx.values].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------- builders
+
+
+def _lookup(summary: pd.DataFrame, group: str, method: str, col: str) -> float:
+    hit = summary.loc[(summary["group"] == group) & (summary["method"] == method), col]
+    return float(hit.iloc[0]) if len(hit) else math.nan
+
+
+def _summary_table(
+    scores: pd.DataFrame,
+    methods: Methods,
+    rows: Sequence[tuple[str, str | None]],
+    refs: Sequence[str],
+    groups: Groups,
+    split: str,
+    metrics: Sequence[str],
+    deltas: bool,
+) -> pd.DataFrame:
+    """Rows: reference rows then (label, method name or None for a placeholder)."""
+    summary = grid_summary(scores, split)
+    ref = reference_summary(scores, split)
+    known = set(summary["method"])
+    for m in sorted(known - set(methods)):
+        log.warning("scores have method %r that is not in the methods config: not tabulated", m)
+    for label, m in rows:
+        if m is not None and m not in known:
+            log.warning("method %r (%s) has no %s scores: shown as a gap", m, label, split)
+    order = group_order(scores, groups)
+    names = {"acc": "Acc", "norm": "Norm"}
+    cols = [(g, names[k]) for g in order for k in metrics]
+    if deltas:
+        cols = [
+            (g, c)
+            for g in order
+            for c in [names[k] for k in metrics] + ["Δ" + names[k] for k in metrics]
+        ]
+    data: dict[str, dict[tuple[str, str], Any]] = {}
+    ref_keys = {"Zero-shot": "zeroshot", "Finetuned": "finetuned"}
+    for r in refs:
+        data[r] = {}
+        for g in order:
+            for k in metrics:
+                hit = ref.loc[ref["group"] == g, f"{ref_keys[r]}_{k}"]
+                data[r][(g, names[k])] = float(hit.iloc[0]) if len(hit) else math.nan
+                if deltas:
+                    data[r][(g, "Δ" + names[k])] = NA
+    for label, m in rows:
+        data[label] = {}
+        base = base_method(m, methods) if m is not None else None
+        if m is not None and is_boosted(methods[m]) and base is None:
+            log.info("boosted method %r has no configured base method: no Δ", m)
+        for g in order:
+            for k in metrics:
+                v = _lookup(summary, g, m, k) if m is not None else math.nan
+                data[label][(g, names[k])] = v
+                if deltas:
+                    if m is None or base is None:  # no boosting, or no base to compare
+                        data[label][(g, "Δ" + names[k])] = NA
+                    else:
+                        data[label][(g, "Δ" + names[k])] = v - _lookup(summary, g, base, k)
+    table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
+    table = table.reindex(columns=pd.MultiIndex.from_tuples(cols))
+    table.index.name = "Method"
+    return table
+
+
+def main_results(
+    scores: pd.DataFrame, methods: Methods, *, groups: Groups = None, split: str = "test"
+) -> pd.DataFrame:
+    """Paper Table 1: rows Zero-shot, Finetuned and the methods (config order); columns
+    (group, Acc | Norm | ΔAcc | ΔNorm), groups by number of experts. Values in %; Δ = a
+    boosted method minus its :func:`base_method` ("" for methods without boosting or
+    without a configured base; a gap where either has no scores)."""
+    labels = method_labels(methods)
+    deltas = any(is_boosted(meta) for meta in methods.values())
+    return _summary_table(
+        scores,
+        methods,
+        [(labels[m], m) for m in methods],
+        ["Zero-shot", "Finetuned"],
+        groups,
+        split,
+        ("acc", "norm"),
+        deltas,
+    )
+
+
+def sota_comparison(
+    scores: pd.DataFrame, methods: Methods, *, groups: Groups = None, split: str = "test"
+) -> pd.DataFrame:
+    """Paper Table 4: Finetuned, then TSV-M, Iso-C, Iso-CTS and TA + LiNeS + SB (methods
+    picked by rule; a rule that is not configured is a row of gaps). Columns (group, Acc | Norm)."""
+    labels = method_labels(methods)
+    rows: list[tuple[str, str | None]] = []
+    for rule in SOTA_RULES:
+        found = [m for m, meta in methods.items() if meta.get("rule") == rule]
+        rows += [(labels[m], m) for m in found] or [(RULE_LABELS[rule], None)]
+    ours = [
+        m
+        for m, meta in methods.items()
+        if meta.get("rule") == "task_arithmetic" and has_lines(meta) and is_boosted(meta)
+    ]
+    rows += [(labels[m], m) for m in ours] or [("TA + LiNeS + SB", None)]
+    return _summary_table(
+        scores, methods, rows, ["Finetuned"], groups, split, ("acc", "norm"), deltas=False
+    )
+
+
+def _metric_at(
+    summary: pd.DataFrame, group: str, method: str, beta: float | None, metric: str
+) -> float:
+    sel = (summary["group"] == group) & (summary["method"] == method)
+    if beta is not None:
+        sel &= np.isclose(summary["beta"].astype(float), beta)
+    hit = summary.loc[sel, metric]
+    return float(hit.iloc[0]) if len(hit) else math.nan
+
+
+def beta_ablation(
+    scores: pd.DataFrame,
+    methods: Methods,
+    *,
+    groups: Groups = None,
+    metric: str = "acc",
+    select_by: str = SELECT_BY,
+) -> pd.DataFrame:
+    """Paper Tables 3a/7: rows (Method, β) for every boosted method and every β on its
+    validation grid; columns (group, val | test). ``val`` is the validation ``metric`` at
+    the α chosen for that β (by ``select_by``, see :func:`best_on_val`); ``test`` exists
+    only at the β chosen on validation (the pipeline evaluates test there), other β are
+    gaps. ``metric``: "acc" (absolute) or "norm" (normalised)."""
+    labels = method_labels(methods)
+    boosted = [m for m, meta in methods.items() if is_boosted(meta)]
+    best = best_on_val(scores, by=("group", "method", "beta"), select_by=select_by)
+    test = grid_summary(scores, "test")
+    order = group_order(scores, groups)
+    data: dict[tuple[str, float], dict] = {}
+    for m in boosted:
+        betas = sorted(set(best.loc[best["method"] == m, "beta"].dropna().astype(float)))
+        if not betas:
+            log.warning("boosted method %r has no validation scores: not in the β ablation", m)
+        for b in betas:
+            data[(labels[m], b)] = {
+                (g, split): _metric_at(best if split == "val" else test, g, m, b, metric)
+                for g in order
+                for split in ("val", "test")
+            }
+    return _frame(data, ["Method", "β"], [(g, s) for g in order for s in ("val", "test")])
+
+
+def layer_ablation(
+    scores: pd.DataFrame,
+    methods: Methods,
+    *,
+    groups: Groups = None,
+    metric: str = "acc",
+    select_by: str = SELECT_BY,
+) -> pd.DataFrame:
+    """Paper Table 3b: boosted methods that differ only in ``boost.layers`` (attn, mlp,
+    both), rows (Method, Layers); columns (group, val | test) at the grid point chosen on
+    validation. Empty when no such family is configured."""
+    families: dict[str, list[str]] = {}
+    for m, meta in methods.items():
+        if is_boosted(meta):
+            boost = meta["boost"] if isinstance(meta["boost"], Mapping) else {}
+            rest = {k: v for k, v in meta.items() if k not in ("boost", "label")}
+            rest["boost"] = {k: v for k, v in boost.items() if k != "layers"}
+            families.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(m)
+    best = best_on_val(scores, select_by=select_by)
+    test = grid_summary(scores, "test")
+    order = group_order(scores, groups)
+    data: dict[tuple[str, str], dict] = {}
+    for members in families.values():
+        if len({_boost_layers(methods[m]) for m in members}) < 2:
+            continue
+        family = _auto_label(methods[members[0]])
+        for m in members:
+            data[(family, _boost_layers(methods[m]))] = {
+                (g, split): _metric_at(best if split == "val" else test, g, m, None, metric)
+                for g in order
+                for split in ("val", "test")
+            }
+    return _frame(data, ["Method", "Layers"], [(g, s) for g in order for s in ("val", "test")])
+
+
+def _frame(data: Mapping, index_names: Sequence[str], columns: Sequence[tuple]) -> pd.DataFrame:
+    index = (
+        pd.MultiIndex.from_tuples(list(data), names=index_names)
+        if data
+        else pd.MultiIndex.from_tuples([], names=index_names)
+    )
+    cols = pd.MultiIndex.from_tuples(columns) if columns else pd.Index([])
+    return pd.DataFrame([data[k] for k in data], index=index, columns=cols, dtype=object)
+
+
+def per_task_accuracy(
+    scores: pd.DataFrame, methods: Methods, *, group: str | None = None, split: str = "test"
+) -> pd.DataFrame:
+    """Appendix tables: rows tasks (+ "Average"), columns Zero-shot, Finetuned and the
+    methods; accuracy in %. One group, or all groups with index (group, task) when
+    ``group`` is None. The average is a gap where any task is missing."""
+    df = _prepare_scores(scores)
+    tasks = _group_tasks(df)
+    if group is not None and group not in tasks:
+        raise ValueError(f"per_task_accuracy: group {group!r} not in scores (has {sorted(tasks)})")
+    labels = method_labels(methods)
+    sub = df.loc[df["split"] == split]
+    blocks = []
+    for g in ([group] if group is not None else group_order(df)):
+        gsub = sub.loc[sub["group"] == g]
+        ref = gsub.groupby("task", sort=False)[["zeroshot_accuracy", "expert_accuracy"]].mean()
+        cols = {"Zero-shot": ref["zeroshot_accuracy"], "Finetuned": ref["expert_accuracy"]}
+        for m in methods:
+            cols[labels[m]] = (
+                gsub.loc[gsub["method"] == m].groupby("task", sort=False)["accuracy"].mean()
+            )
+        block = pd.DataFrame(cols).reindex(tasks[g]) * 100.0
+        block.loc["Average"] = block.mean(skipna=False)
+        block.index = pd.MultiIndex.from_product([[g], block.index], names=["group", "task"])
+        blocks.append(block)
+    table = pd.concat(blocks) if blocks else pd.DataFrame()
+    if group is not None:
+        table.index = table.index.droplevel(0)
+        table.index.name = "Task"
+    return table
+
+
+def expert_selection(selection: pd.DataFrame, *, split: str = "test") -> pd.DataFrame:
+    """Paper Tables 5/10: rows Random / HO-GSVD (with the number of draws), columns
+    (Pool | Ext | All, mean | std): per draw the mean accuracy (%) over the task set's
+    tasks, then mean and sample std over draws ("" for a single draw)."""
+    require_columns(selection, SELECTION_COLUMNS, "selection")
+    sub = selection.loc[selection["split"] == split]
+    per_draw = (
+        sub.groupby(["setting", "draw", "task_set"], sort=False, dropna=False)["accuracy"]
+        .mean()
+        .mul(100.0)
+        .reset_index()
+    )
+    sets = [s for s in TASK_SETS if s in set(per_draw["task_set"])]
+    sets += sorted(set(per_draw["task_set"]) - set(sets))
+    settings = [s for s in SELECTION_SETTINGS if s in set(per_draw["setting"])]
+    settings += sorted(set(per_draw["setting"]) - set(settings))
+    data = {}
+    for s in settings:
+        rows = per_draw.loc[per_draw["setting"] == s]
+        n = rows["draw"].nunique(dropna=False)
+        label = f"{SELECTION_SETTINGS.get(s, s)} ({n} draw{'s' if n != 1 else ''})"
+        data[label] = {}
+        for t in sets:
+            vals = rows.loc[rows["task_set"] == t, "accuracy"]
+            data[label][(TASK_SETS.get(t, t), "mean")] = (
+                float(vals.mean()) if len(vals) else math.nan
+            )
+            data[label][(TASK_SETS.get(t, t), "std")] = (
+                float(vals.std(ddof=1)) if len(vals) > 1 else (NA if len(vals) else math.nan)
+            )
+    columns = [(TASK_SETS.get(t, t), stat) for t in sets for stat in ("mean", "std")]
+    table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
+    table = table.reindex(columns=pd.MultiIndex.from_tuples(columns) if columns else None)
+    table.index.name = "Selection"
+    return table
+
+
+def timing_table(timing: pd.DataFrame, methods: Methods, *, groups: Groups = None) -> pd.DataFrame:
+    """Paper Table 6: rows methods (config order), columns (group, Time (s) | Max RSS (MB)).
+    Repeated benchmarks of one rule are averaged; time is summed over a method's rules,
+    memory is the maximum over them. Rows of unconfigured methods are ignored."""
+    require_columns(timing, TIMING_COLUMNS, "timing")
+    labels = method_labels(methods)
+    known = timing.loc[timing["method"].isin(list(methods))]
+    per_rule = (
+        known.groupby(["method", "group", "rule"], sort=False)[["seconds", "max_rss_mb"]]
+        .mean()
+        .reset_index()
+    )
+    total = (
+        per_rule.groupby(["method", "group"], sort=False)
+        .agg(seconds=("seconds", "sum"), max_rss_mb=("max_rss_mb", "max"))
+        .reset_index()
+    )
+    order = group_order(timing, groups)
+    data = {}
+    for m in methods:
+        data[labels[m]] = {}
+        for g in order:
+            data[labels[m]][(g, "Time (s)")] = _lookup(total, g, m, "seconds")
+            data[labels[m]][(g, "Max RSS (MB)")] = _lookup(total, g, m, "max_rss_mb")
+    cols = [(g, c) for g in order for c in ("Time (s)", "Max RSS (MB)")]
+    table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
+    table = table.reindex(columns=pd.MultiIndex.from_tuples(cols) if cols else None)
+    table.index.name = "Method"
+    return table
+
+
+# -------------------------------------------------------------------------------- writer
+
+
+def _is_gap(v: Any) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v))
+
+
+def _index_text(v: Any) -> str:
+    """Index values: floats (β, α) with two decimals unless that would round them."""
+    if isinstance(v, (float, np.floating)) and not _is_gap(v) and round(v, 2) != v:
+        return f"{float(v):g}"
+    return format_cell(v, 2, gap="")
+
+
+def format_cell(v: Any, decimals: int, *, signed: bool = False, gap: str = GAP) -> str:
+    """Deterministic text of one cell: fixed decimals, "+" for signed columns, no "-0.0",
+    ``gap`` for NaN/None, strings as they are."""
+    if _is_gap(v):
+        return gap
+    if isinstance(v, (bool, np.bool_)) or isinstance(v, str):
+        return str(v)
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):+d}" if signed else str(int(v))
+    if isinstance(v, (float, np.floating)):
+        text = f"{float(v):{'+' if signed else ''}.{decimals}f}"
+        if float(text) == 0.0:  # no "-0.0"
+            text = f"{0.0:{'+' if signed else ''}.{decimals}f}"
+        return text
+    return str(v)
+
+
+def _leaf(col: Any) -> str:
+    return str(col[-1] if isinstance(col, tuple) else col)
+
+
+def _header(col: Any) -> str:
+    parts = col if isinstance(col, tuple) else (col,)
+    return " ".join(str(p) for p in parts if str(p) != "")
+
+
+def _decimals_for(col: Any, decimals: int | Mapping[str, int]) -> int:
+    if isinstance(decimals, Mapping):
+        return int(decimals.get(_leaf(col), decimals.get("*", 1)))
+    return int(decimals)
+
+
+def _index_rows(df: pd.DataFrame, sparse: bool) -> tuple[list[str], list[list[str]]]:
+    names = [str(n) if n is not None else "" for n in df.index.names]
+    rows = []
+    prev: tuple = ()
+    for key in df.index:
+        key = key if isinstance(key, tuple) else (key,)
+        cells = [_index_text(k) for k in key]
+        if sparse:
+            # blank leading levels repeated from the previous row
+            shown = []
+            same = True
+            for i, (k, c) in enumerate(zip(key, cells)):
+                same = same and i < len(prev) and prev[i] == k and i < len(key) - 1
+                shown.append("" if same else c)
+            cells = shown
+        rows.append(cells)
+        prev = key
+    return names, rows
+
+
+def _cells(df: pd.DataFrame, decimals, gap: str) -> list[list[str]]:
+    out = []
+    for _, row in df.iterrows():
+        out.append(
+            [
+                format_cell(v, _decimals_for(c, decimals), signed=_leaf(c).startswith("Δ"), gap=gap)
+                for c, v in zip(df.columns, row.tolist())
+            ]
+        )
+    return out
+
+
+def to_csv_text(df: pd.DataFrame) -> str:
+    """CSV: index columns first, one header row (column levels joined by spaces), numbers
+    with :data:`CSV_DECIMALS` decimals, gaps and n/a empty."""
+    names, idx = _index_rows(df, sparse=False)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(names + [_header(c) for c in df.columns])
+    for i, cells in zip(idx, _cells(df, CSV_DECIMALS, gap="")):
+        writer.writerow(i + cells)
+    return buf.getvalue()
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", r"\|")
+
+
+def to_markdown(
+    df: pd.DataFrame, decimals: int | Mapping[str, int] = 1, caption: str | None = None
+) -> str:
+    """GitHub Markdown table; gaps "—"."""
+    names, idx = _index_rows(df, sparse=True)
+    header = names + [_header(c) for c in df.columns]
+    align = [":--"] * len(names) + ["--:"] * len(df.columns)
+    lines = [f"**{caption}**", ""] if caption else []
+    lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+    lines.append("|" + "|".join(align) + "|")
+    for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
+        lines.append("| " + " | ".join(_md_escape(c) for c in i + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "Δ": r"$\Delta$",
+    "±": r"$\pm$",
+    "—": "---",
+    "α": r"$\alpha$",
+    "β": r"$\beta$",
+    "γ": r"$\gamma$",
+    "σ": r"$\sigma$",
+}
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX specials; Greek letters, Δ and ± become math, "—" becomes ---."""
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(
+    df: pd.DataFrame,
+    decimals: int | Mapping[str, int] = 1,
+    caption: str | None = None,
+    label: str | None = None,
+) -> str:
+    """booktabs tabular (\\toprule, \\midrule, \\bottomrule); two-level columns get a
+    \\multicolumn header with \\cmidrule; gaps "---". Wrapped in a table environment
+    when a caption or label is given."""
+    names, idx = _index_rows(df, sparse=True)
+    n_idx = len(names)
+    spec = "l" * n_idx + "r" * len(df.columns)
+    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
+    cols = list(df.columns)
+    if isinstance(df.columns, pd.MultiIndex) and df.columns.nlevels >= 2 and cols:
+        top, rules, start = [""] * n_idx, [], n_idx + 1
+        i = 0
+        while i < len(cols):
+            j = i
+            while j + 1 < len(cols) and cols[j + 1][0] == cols[i][0]:
+                j += 1
+            span = j - i + 1
+            top.append(rf"\multicolumn{{{span}}}{{c}}{{{tex_escape(str(cols[i][0]))}}}")
+            rules.append(rf"\cmidrule(lr){{{start + i}-{start + j}}}")
+            i = j + 1
+        lines.append(" & ".join(top) + r" \\")
+        lines.append(" ".join(rules))
+        leaf = [" ".join(str(p) for p in c[1:] if str(p) != "") for c in cols]
+    else:
+        leaf = [_header(c) for c in cols]
+    lines.append(" & ".join(tex_escape(h) for h in names + leaf) + r" \\")
+    lines.append(r"\midrule")
+    for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
+        lines.append(" & ".join(tex_escape(c) for c in i + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption or label:
+        inner = [r"\begin{table}[t]", r"\centering"]
+        if caption:
+            inner.append(rf"\caption{{{tex_escape(caption)}}}")
+        if label:
+            inner.append(rf"\label{{{label}}}")
+        lines = inner + lines + [r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(
+    df: pd.DataFrame,
+    stem: str | os.PathLike,
+    *,
+    decimals: int | Mapping[str, int] = 1,
+    caption: str | None = None,
+    label: str | None = None,
+) -> list[Path]:
+    """Write ``df`` as ``<stem>.csv``, ``<stem>.md`` and ``<stem>.tex`` (atomically) and
+    return the three paths, CSV first (pass them to ``provenance.write_sidecar``).
+
+    ``decimals`` applies to Markdown and LaTeX (CSV keeps :data:`CSV_DECIMALS`); a mapping
+    is keyed by the column's last level name ("*" = default). Columns whose last level
+    starts with "Δ" are printed with a sign. NaN = gap ("—"), "" = not applicable.
+    """
+    stem = Path(stem)
+    paths = [stem.with_name(stem.name + ext) for ext in (".csv", ".md", ".tex")]
+    write_text_atomic(paths[0], to_csv_text(df))
+    write_text_atomic(paths[1], to_markdown(df, decimals, caption))
+    write_text_atomic(paths[2], to_latex(df, decimals, caption, label))
+    log.info("wrote table %s.{csv,md,tex} (%d rows)", stem, len(df))
+    return paths

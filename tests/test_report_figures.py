@@ -1,0 +1,184 @@
+"""Figures render from small synthetic inputs: PDF + PNG written, PNG not blank,
+byte-identical on re-render; bad inputs raise ValueError."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from submerge.report import figures as F
+
+METHODS = {
+    "ta": {"rule": "task_arithmetic"},
+    "ta_sb": {"rule": "task_arithmetic", "boost": {"kind": "sb"}},
+    "ties": {"rule": "ties"},
+}
+
+
+@pytest.fixture(scope="module")
+def scores():
+    rows = []
+    for n in (2, 4):
+        tasks = [f"t{i}" for i in range(n)]
+        for m, meta in METHODS.items():
+            for a in (0.3, 0.6, 1.0):
+                for b in ((0.0, 0.01) if meta.get("boost") else (math.nan,)):
+                    for t in tasks:
+                        acc = (
+                            0.8 - 0.03 * n - 0.2 * abs(a - 0.6) + (0.05 if meta.get("boost") else 0)
+                        )
+                        acc -= 0 if math.isnan(b) else 3 * b
+                        rows.append(
+                            dict(
+                                suite="s",
+                                group=f"n{n}",
+                                n_experts=n,
+                                method=m,
+                                alpha=a,
+                                beta=b,
+                                split="val",
+                                task=t,
+                                accuracy=acc,
+                                expert_accuracy=0.9,
+                                zeroshot_accuracy=0.3,
+                            )
+                        )
+                        if a == 0.6 and (math.isnan(b) or b == 0.0):
+                            rows.append({**rows[-1], "split": "test", "accuracy": acc - 0.01})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def spectra_frames():
+    rng = np.random.default_rng(0)
+    summary, sv = [], []
+    for n in (2, 4, 8):
+        for m in ("ta", "ties"):
+            for boosted in (False, True):
+                for kind in ("attn", "mlp"):
+                    for block in range(2):
+                        s = np.sort(rng.gamma(1.0, 1.0, 16))[::-1] * n**0.5
+                        if boosted:
+                            s = np.maximum(s, s[8])
+                        key = f"b{block}.{kind}"
+                        summary.append(
+                            dict(
+                                group=f"n{n}",
+                                n_experts=n,
+                                method=m,
+                                boosted=boosted,
+                                key=key,
+                                block=block,
+                                kind=kind,
+                                stable_rank=(s**2).sum() / s[0] ** 2,
+                                energy_rank=int(np.searchsorted(np.cumsum(s) / s.sum(), 0.9)) + 1,
+                            )
+                        )
+                        sv += [
+                            dict(
+                                group=f"n{n}",
+                                n_experts=n,
+                                method=m,
+                                boosted=boosted,
+                                kind=kind,
+                                key=key,
+                                index=i,
+                                sigma=float(v),
+                            )
+                            for i, v in enumerate(s)
+                        ]
+    return pd.DataFrame(summary), pd.DataFrame(sv)
+
+
+def _check_rendered(paths):
+    pdf, png = paths
+    assert pdf.suffix == ".pdf" and png.suffix == ".png"
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2000
+    assert png.stat().st_size > 10_000
+    img = mpimg.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    assert float(img[..., :3].std()) > 0.02  # not blank
+    rgb = (img[..., :3] * 255).astype(np.uint32)
+    colours = np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2])
+    assert colours.size > 20  # more than a few flat colours
+
+
+def _render(fn, tmp_path, *args, **kwargs):
+    paths = fn(*args, tmp_path / "fig", **kwargs)
+    _check_rendered(paths)
+    return paths
+
+
+def _render_twice(fn, tmp_path, *args, **kwargs):
+    """Render twice into different files and compare the bytes (determinism)."""
+    first = _render(fn, tmp_path, *args, **kwargs)
+    second = fn(*args, tmp_path / "again", **kwargs)
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between renders"
+    # no timestamps or tool versions (a date would only differ across seconds)
+    pdf, png = (p.read_bytes() for p in first)
+    for marker in (b"CreationDate", b"Producer", b"matplotlib", matplotlib.__version__.encode()):
+        assert marker not in pdf
+    assert b"Software" not in png and b"tIME" not in png
+    return first
+
+
+def test_rank_collapse(tmp_path, spectra_frames):
+    summary, _ = spectra_frames
+    _render(
+        F.rank_collapse,
+        tmp_path,
+        summary,
+        methods={"ta": {"rule": "task_arithmetic"}},
+        kinds=("mlp",),
+        energy_frac=0.9,
+    )
+    with pytest.raises(ValueError, match="layer kinds"):
+        F.rank_collapse(summary, tmp_path / "x", kinds=("embed",))
+    with pytest.raises(ValueError, match="stable_rank"):
+        F.rank_collapse(summary.drop(columns="stable_rank"), tmp_path / "x")
+
+
+def test_spectra(tmp_path, spectra_frames):
+    _, sv = spectra_frames
+    _render(F.spectra, tmp_path, sv, method="ta", kinds=("attn",), gammas=(0.5,))
+    with pytest.raises(ValueError, match="several methods"):
+        F.spectra(sv, tmp_path / "x")
+    with pytest.raises(ValueError, match="key 'nope'"):
+        F.spectra(sv, tmp_path / "x", method="ties", key="nope")
+
+
+def test_accuracy_vs_experts(tmp_path, scores):
+    _render_twice(F.accuracy_vs_experts, tmp_path, scores, METHODS)
+    with pytest.raises(ValueError, match="metric"):
+        F.accuracy_vs_experts(scores, METHODS, tmp_path / "x", metric="f1")
+
+
+def test_alpha_beta_heatmap(tmp_path, scores):
+    _render(F.alpha_beta_heatmap, tmp_path, scores, METHODS)
+    with pytest.raises(ValueError, match="no boosted method"):
+        F.alpha_beta_heatmap(scores, {"ta": METHODS["ta"]}, tmp_path / "x")
+
+
+def test_alignment_heatmap(tmp_path):
+    rng = np.random.default_rng(1)
+    names = ["Cars", "DTD", "EuroSAT", "GTSRB"]
+    mats = {k: rng.uniform(0, 1, (4, 4)) for k in ("attn", "mean")}
+    _render_twice(F.alignment_heatmap, tmp_path, mats, names)
+    with pytest.raises(ValueError, match="shape"):
+        F.alignment_heatmap({"attn": np.eye(3)}, names, tmp_path / "x")
+
+
+def test_subspace_importance(tmp_path):
+    rng = np.random.default_rng(2)
+    sig = np.exp(rng.normal(0, 1, (3, 40)))
+    _render(F.subspace_importance, tmp_path, sig, ["A", "B", "C"], merged=sig.mean(0) / 3)
+    with pytest.raises(ValueError, match="expert names"):
+        F.subspace_importance(sig, ["A", "B"], tmp_path / "x")
+    with pytest.raises(ValueError, match="merged has"):
+        F.subspace_importance(sig, ["A", "B", "C"], tmp_path / "x", merged=np.ones(3))
