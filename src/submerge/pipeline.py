@@ -611,13 +611,14 @@ def run_selection(suite: Mapping, universe: Sequence[str], selection: Mapping,
                                            best["alpha"], device)
         test = _evaluate_on(suite, list(universe), adapter, module, "test", eval_cfg, device)
         for task, acc in test.items():
-            task_set = ("pool" if task in selection["pool"] else "ext" if task in ext
-                        else "merged" if task in members else "candidate")
-            rows.append({"setting": setting, "draw": draw, "method": method_name,
-                         "experts": "+".join(members), "alpha": best["alpha"],
-                         "beta": math.nan if best["beta"] is None else best["beta"],
-                         "split": "test", "task": task, "task_set": task_set, "accuracy": acc,
-                         "expert_accuracy": refs[task]["test"]["expert"]})
+            sets = ["all"] + (["pool"] if task in selection["pool"] else
+                              ["ext"] if task in ext else [])
+            for task_set in sets:
+                rows.append({"setting": setting, "draw": draw, "method": method_name,
+                             "experts": "+".join(members), "alpha": best["alpha"],
+                             "beta": math.nan if best["beta"] is None else best["beta"],
+                             "split": "test", "task": task, "task_set": task_set,
+                             "accuracy": acc, "expert_accuracy": refs[task]["test"]["expert"]})
         log.info("%s draw %d: %s", setting, draw, members)
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
