@@ -341,7 +341,8 @@ def reconstruct(dense: Mapping, factors: Mapping, layer_info: Mapping, method: M
     betas = boost_betas(method, beta)
     delta = dict(dense)
     for key, fs in factors.items():
-        delta[key] = boost_from_factors(fs, beta=betas[layer_info[key].kind], alpha=1.0)
+        delta[key] = boost_from_factors(fs, beta=betas[layer_info[key].kind], alpha=1.0,
+                                        dtype=fs[0][0].dtype)
     return delta
 
 
