@@ -35,9 +35,6 @@ def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True,
     return proc
 
 
-_JOB = re.compile(r"^(?:local)?rule (\w+):\n(?:.*\n)*?\s+output: ([^\n]*)", re.MULTILINE)
-
-
 def planned_jobs(workdir: Path, configfile: Path) -> set[tuple[str, str]]:
     """(rule, first output) of every job a dry run would execute; ``all`` is left out."""
     proc = snakemake(workdir, configfile, "-n")
@@ -45,7 +42,8 @@ def planned_jobs(workdir: Path, configfile: Path) -> set[tuple[str, str]]:
     if "Nothing to be done" in text:
         return set()
     jobs = set()
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+    # grouped jobs (rule grid_point has `group: "grid"`) are printed indented
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:)", text):
         m = re.match(r"(?:local)?rule (\w+):", block.strip())
         if not m or m.group(1) == "all":
             continue

@@ -27,6 +27,12 @@ def _check_config(cfg):
                     f"config field groups.{group}[{i}]: unknown expert {member!r} "
                     f"(known: {', '.join(sorted(experts))})"
                 )
+    for name, method in cfg["methods"].items():
+        for i, group in enumerate(method.get("groups", [])):
+            if group not in cfg["groups"]:
+                raise ValueError(
+                    f"config field methods.{name}.groups[{i}]: unknown group {group!r}"
+                )
     sel = cfg.get("experiments", {}).get("selection")
     if sel:
         where = "config field experiments.selection"
@@ -93,13 +99,26 @@ def grid_files(group, method):
 
 
 def method_params(method):
-    """A method's hyperparameters as job params, without its grid lists: adding a grid point
-    must not make the method's existing jobs stale."""
-    return {k: v for k, v in METHODS[method].items() if k not in ("alpha", "beta")}
+    """A method's hyperparameters as job params, without its grid lists, groups and label:
+    adding a grid point or a group must not make the method's existing jobs stale."""
+    return {
+        k: v
+        for k, v in METHODS[method].items()
+        if k not in ("alpha", "beta", "groups", "label")
+    }
 
 
 def needs_lambdas(method):
     return METHODS[method]["rule"] == "consensus"
+
+
+def method_groups(method):
+    """The groups a method runs on: its `groups` list, else every group."""
+    return METHODS[method].get("groups", list(GROUPS))
+
+
+# every (group, method) pair that is merged and evaluated
+PAIRS = [(g, m) for g in GROUPS for m in METHODS if g in method_groups(m)]
 
 
 def members(group):

@@ -55,9 +55,9 @@ rule test_point:
 def score_inputs(wildcards):
     return {
         "grid": [
-            f for g in GROUPS for m in METHODS for f in grid_files(g, m)
+            f for g, m in PAIRS for f in grid_files(g, m)
         ],
-        "test": [f"{R}/test/{g}/{m}.json" for g in GROUPS for m in METHODS],
+        "test": [f"{R}/test/{g}/{m}.json" for g, m in PAIRS],
         "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
     }
 

@@ -38,15 +38,15 @@ def report_config():
 
 
 def merged_files(wildcards):
-    return [f"{R}/merged/{g}/{m}.h5" for g in GROUPS for m in METHODS]
+    return [f"{R}/merged/{g}/{m}.h5" for g, m in PAIRS]
 
 
 def test_files(wildcards):
-    return [f"{R}/test/{g}/{m}.json" for g in GROUPS for m in METHODS]
+    return [f"{R}/test/{g}/{m}.json" for g, m in PAIRS]
 
 
 def merge_benchmarks(wildcards):
-    return [f"benchmarks/{SUITE}/merged/{g}/{m}.tsv" for g in GROUPS for m in METHODS]
+    return [f"benchmarks/{SUITE}/merged/{g}/{m}.tsv" for g, m in PAIRS]
 
 
 rule spectra_summary:
