@@ -5,14 +5,14 @@
 rule base_model:
     output:
         model=f"{R}/models/base.safetensors",
-    params:
-        suite=suite_view(),
     log:
         f"logs/{SUITE}/base_model.log",
     benchmark:
         f"benchmarks/{SUITE}/base_model.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        suite=suite_view(),
     script:
         "../../scripts/base_model.py"
 
@@ -23,13 +23,13 @@ rule expert_model:
     output:
         model=f"{R}/models/experts/{{expert}}.safetensors",
         head=f"{R}/heads/{{expert}}.safetensors",
-    params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
     log:
         f"logs/{SUITE}/expert_model/{{expert}}.log",
     benchmark:
         f"benchmarks/{SUITE}/expert_model/{{expert}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        suite=lambda wc: suite_view(experts=[wc.expert]),
     script:
         "../../scripts/expert_model.py"

@@ -4,7 +4,6 @@ import math
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 
@@ -49,9 +48,7 @@ def _check_config(cfg):
                     )
         n_cand = len(universe) - len(sel["pool"]) - len(sel.get("ext", []))
         if sel["k"] > n_cand:
-            raise ValueError(
-                f"{where}.k: {sel['k']} > number of candidates ({n_cand})"
-            )
+            raise ValueError(f"{where}.k: {sel['k']} > number of candidates ({n_cand})")
 
 
 _check_config(config)
@@ -155,12 +152,22 @@ def all_targets():
     return targets
 
 
-SUITE_KEYS = ("suite", "adapter", "arch", "digits", "tokenizer", "base", "zeroshot_model", "seed")
+SUITE_KEYS = (
+    "suite",
+    "adapter",
+    "arch",
+    "digits",
+    "tokenizer",
+    "base",
+    "zeroshot_model",
+    "seed",
+)
 
 
 def suite_view(experts=()):
     """The part of the config a job depends on: the suite-wide keys plus the named experts.
-    Passing the whole config as params would make every job stale when any expert is added."""
+    Passing the whole config as params would make every job stale when any expert is added.
+    """
     view = {k: config[k] for k in SUITE_KEYS if k in config}
     view["experts"] = {e: config["experts"][e] for e in experts}
     return view
@@ -168,3 +175,80 @@ def suite_view(experts=()):
 
 def eval_params():
     return {"device": config.get("device", "auto"), **config.get("eval", {})}
+
+
+def merged_inputs(wildcards):
+    inputs = {"taskvectors": taskvector_files(wildcards)}
+    if needs_lambdas(wildcards.method):
+        inputs["lambdas"] = f"{R}/merged/{wildcards.group}/tall_lambdas.json"
+    return inputs
+
+
+def score_inputs(wildcards):
+    return {
+        "grid": [f for g, m in PAIRS for f in grid_files(g, m)],
+        "test": [f"{R}/test/{g}/{m}.json" for g, m in PAIRS],
+        "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
+    }
+
+
+def selection_universe():
+    return members(selection()["universe"])
+
+
+def largest_group():
+    return max(GROUPS, key=lambda g: len(GROUPS[g]))
+
+
+def report_targets():
+    return [f"{R}/tables/{t}.csv" for t in TABLE_NAMES] + [
+        f"{R}/figures/{f}.png" for f in FIGURE_NAMES
+    ]
+
+
+def report_config():
+    """The config keys that shape the report (recorded in every sidecar)."""
+    keys = (
+        "suite",
+        "adapter",
+        "groups",
+        "methods",
+        "grid",
+        "eval",
+        "experiments",
+        "hogsvd",
+    )
+    return {k: config[k] for k in keys if k in config}
+
+
+def merged_files(wildcards):
+    return [f"{R}/merged/{g}/{m}.h5" for g, m in PAIRS]
+
+
+def test_files(wildcards):
+    return [f"{R}/test/{g}/{m}.json" for g, m in PAIRS]
+
+
+def merge_benchmarks(wildcards):
+    return [f"benchmarks/{SUITE}/merged/{g}/{m}.tsv" for g, m in PAIRS]
+
+
+TABLE_NAMES = [
+    "main_results",
+    "sota_comparison",
+    "beta_ablation",
+    "layer_ablation",
+    "per_task_accuracy",
+    "expert_selection",
+    "merging_time",
+]
+
+
+FIGURE_NAMES = [
+    "rank_collapse",
+    "spectra",
+    "accuracy_vs_experts",
+    "alpha_beta_heatmap",
+    "alignment_matrix",
+    "subspace_importance",
+]

@@ -10,9 +10,6 @@ rule reference:
         head=f"{R}/heads/{{expert}}.safetensors",
     output:
         f"{R}/reference/{{expert}}.json",
-    params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
-        eval=eval_params(),
     log:
         f"logs/{SUITE}/reference/{{expert}}.log",
     benchmark:
@@ -21,6 +18,9 @@ rule reference:
         "../../envs/torch.yaml"
     resources:
         gpu=GPU,
+    params:
+        suite=lambda wc: suite_view(experts=[wc.expert]),
+        eval=eval_params(),
     script:
         "../../scripts/reference.py"
 
@@ -34,12 +34,6 @@ rule test_point:
         heads=head_files,
     output:
         f"{R}/test/{{group}}/{{method}}.json",
-    params:
-        experts=lambda wc: members(wc.group),
-        method=lambda wc: method_params(wc.method),
-        suite=lambda wc: suite_view(experts=members(wc.group)),
-        eval=eval_params(),
-        selection_metric=config.get("eval", {}).get("selection_metric", "normalized"),
     log:
         f"logs/{SUITE}/test/{{group}}/{{method}}.log",
     benchmark:
@@ -48,18 +42,14 @@ rule test_point:
         "../../envs/torch.yaml"
     resources:
         gpu=GPU,
+    params:
+        experts=lambda wc: members(wc.group),
+        method=lambda wc: method_params(wc.method),
+        suite=lambda wc: suite_view(experts=members(wc.group)),
+        eval=eval_params(),
+        selection_metric=config.get("eval", {}).get("selection_metric", "normalized"),
     script:
         "../../scripts/test_point.py"
-
-
-def score_inputs(wildcards):
-    return {
-        "grid": [
-            f for g, m in PAIRS for f in grid_files(g, m)
-        ],
-        "test": [f"{R}/test/{g}/{m}.json" for g, m in PAIRS],
-        "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
-    }
 
 
 rule scores:
@@ -67,20 +57,18 @@ rule scores:
         unpack(score_inputs),
     output:
         f"{R}/scores.csv",
+    log:
+        f"logs/{SUITE}/scores.log",
+    benchmark:
+        f"benchmarks/{SUITE}/scores.tsv"
+    conda:
+        "../../envs/report.yaml"
     params:
         suite=SUITE,
         groups=GROUPS,
         methods=METHODS,
-    log:
-        f"logs/{SUITE}/scores.log",
-    conda:
-        "../../envs/report.yaml"
     script:
         "../../scripts/scores.py"
-
-
-def selection_universe():
-    return members(selection()["universe"])
 
 
 rule selection:
@@ -92,17 +80,6 @@ rule selection:
         heads=lambda wc: [f"{R}/heads/{e}.safetensors" for e in selection_universe()],
     output:
         f"{R}/selection/selection.csv",
-    params:
-        suite=lambda wc: suite_view(experts=selection_universe()),
-        universe=lambda wc: selection_universe(),
-        selection=lambda wc: selection(),
-        method_name=lambda wc: selection()["method"],
-        method=lambda wc: method_params(selection()["method"]),
-        alphas=lambda wc: [float(a) for a in method_alphas(selection()["method"])],
-        betas=lambda wc: [
-            None if b == "none" else float(b) for b in method_betas(selection()["method"])
-        ],
-        eval=eval_params(),
     log:
         f"logs/{SUITE}/selection.log",
     benchmark:
@@ -111,5 +88,17 @@ rule selection:
         "../../envs/torch.yaml"
     resources:
         gpu=GPU,
+    params:
+        suite=lambda wc: suite_view(experts=selection_universe()),
+        universe=lambda wc: selection_universe(),
+        selection=lambda wc: selection(),
+        method_name=lambda wc: selection()["method"],
+        method=lambda wc: method_params(selection()["method"]),
+        alphas=lambda wc: [float(a) for a in method_alphas(selection()["method"])],
+        betas=lambda wc: [
+            None if b == "none" else float(b)
+            for b in method_betas(selection()["method"])
+        ],
+        eval=eval_params(),
     script:
         "../../scripts/selection.py"

@@ -10,11 +10,6 @@ rule consensus_lambdas:
         heads=head_files,
     output:
         f"{R}/merged/{{group}}/tall_lambdas.json",
-    params:
-        experts=lambda wc: members(wc.group),
-        suite=lambda wc: suite_view(experts=members(wc.group)),
-        lambdas=config.get("consensus_lambdas", [0.2, 0.3, 0.4, 0.5, 0.6]),
-        eval=eval_params(),
     log:
         f"logs/{SUITE}/consensus_lambdas/{{group}}.log",
     benchmark:
@@ -23,15 +18,13 @@ rule consensus_lambdas:
         "../../envs/torch.yaml"
     resources:
         gpu=GPU,
+    params:
+        experts=lambda wc: members(wc.group),
+        suite=lambda wc: suite_view(experts=members(wc.group)),
+        lambdas=config.get("consensus_lambdas", [0.2, 0.3, 0.4, 0.5, 0.6]),
+        eval=eval_params(),
     script:
         "../../scripts/consensus_lambdas.py"
-
-
-def merged_inputs(wildcards):
-    inputs = {"taskvectors": taskvector_files(wildcards)}
-    if needs_lambdas(wildcards.method):
-        inputs["lambdas"] = f"{R}/merged/{wildcards.group}/tall_lambdas.json"
-    return inputs
 
 
 rule merged:
@@ -39,11 +32,6 @@ rule merged:
         unpack(merged_inputs),
     output:
         f"{R}/merged/{{group}}/{{method}}.h5",
-    params:
-        experts=lambda wc: members(wc.group),
-        method=lambda wc: method_params(wc.method),
-        suite=suite_view(),
-        device=config.get("device", "auto"),
     log:
         f"logs/{SUITE}/merged/{{group}}/{{method}}.log",
     benchmark:
@@ -52,6 +40,11 @@ rule merged:
         "../../envs/torch.yaml"
     resources:
         gpu=GPU,
+    params:
+        experts=lambda wc: members(wc.group),
+        method=lambda wc: method_params(wc.method),
+        suite=suite_view(),
+        device=config.get("device", "auto"),
     script:
         "../../scripts/merged.py"
 
@@ -63,21 +56,21 @@ rule grid_point:
         heads=head_files,
     output:
         f"{R}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.json",
+    log:
+        f"logs/{SUITE}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.log",
+    benchmark:
+        f"benchmarks/{SUITE}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.tsv"
+    group:
+        "grid"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=GPU,
     params:
         experts=lambda wc: members(wc.group),
         method=lambda wc: method_params(wc.method),
         suite=lambda wc: suite_view(experts=members(wc.group)),
         eval=eval_params(),
         save_merged=config.get("save_merged", False),
-    group:
-        "grid"
-    log:
-        f"logs/{SUITE}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.log",
-    benchmark:
-        f"benchmarks/{SUITE}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.tsv"
-    conda:
-        "../../envs/torch.yaml"
-    resources:
-        gpu=GPU,
     script:
         "../../scripts/grid_point.py"

@@ -7,14 +7,14 @@ rule expert_spectrum:
         f"{R}/taskvectors/{{expert}}.h5",
     output:
         f"{R}/spectra/{{expert}}.h5",
-    params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
     log:
         f"logs/{SUITE}/expert_spectrum/{{expert}}.log",
     benchmark:
         f"benchmarks/{SUITE}/expert_spectrum/{{expert}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        suite=lambda wc: suite_view(experts=[wc.expert]),
     script:
         "../../scripts/expert_spectrum.py"
 
@@ -24,10 +24,6 @@ rule hogsvd:
         taskvectors=taskvector_files,
     output:
         f"{R}/hogsvd/{{group}}.h5",
-    params:
-        experts=lambda wc: members(wc.group),
-        hogsvd=config.get("hogsvd", {}),
-        device=config.get("device", "auto"),
     log:
         f"logs/{SUITE}/hogsvd/{{group}}.log",
     benchmark:
@@ -36,5 +32,9 @@ rule hogsvd:
         "../../envs/torch.yaml"
     resources:
         gpu=GPU,
+    params:
+        experts=lambda wc: members(wc.group),
+        hogsvd=config.get("hogsvd", {}),
+        device=config.get("device", "auto"),
     script:
         "../../scripts/hogsvd.py"

@@ -7,13 +7,13 @@ rule task_vector:
         expert=f"{R}/models/experts/{{expert}}.safetensors",
     output:
         f"{R}/taskvectors/{{expert}}.h5",
-    params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
     log:
         f"logs/{SUITE}/task_vector/{{expert}}.log",
     benchmark:
         f"benchmarks/{SUITE}/task_vector/{{expert}}.tsv"
     conda:
         "../../envs/torch.yaml"
+    params:
+        suite=lambda wc: suite_view(experts=[wc.expert]),
     script:
         "../../scripts/task_vector.py"
