@@ -34,8 +34,9 @@ def spectra_summary(merged: Mapping[tuple[str, str], PathLike], test_points: Map
                     groups: Mapping[str, Sequence[str]], methods: Mapping[str, Mapping],
                     out_summary: PathLike, out_sigma: PathLike, *, energy_frac: float = 0.9) -> None:
     """Stable rank, cumulative-energy rank and singular values of every attention/MLP matrix
-    of each merged task vector (LiNeS included), before boosting for unboosted methods and
-    after boosting at the β chosen on validation for boosted ones.
+    of each merged task vector (LiNeS included): for unboosted methods as merged, for boosted
+    ones after boosting at the β chosen on validation (the singular values of boosted methods
+    are also listed before boosting, ``boosted=False``, for the before/after spectra figure).
 
     ``merged`` / ``test_points``: (group, method) -> path of the merged cache / test JSON."""
     import torch
@@ -52,26 +53,29 @@ def spectra_summary(merged: Mapping[tuple[str, str], PathLike], test_points: Map
         chosen = json.loads(Path(test_points[(group, method)]).read_text())
         betas = boost_betas(meta, chosen["beta"])
         boosted = "boost" in meta
-        spectra: dict[str, torch.Tensor] = {}
+        before: dict[str, torch.Tensor] = {}  # boosted methods: their spectra before boosting
+        after: dict[str, torch.Tensor] = {}
         for key, fs in factors.items():
             beta = betas[layer_info[key].kind]
             parts = [boost_singular_values(s, beta) if beta is not None else s for _, s, _ in fs]
             # the singular values of the row-stacked blocks, as in the stable rank of the key
-            u_s_vh = [(u * s) @ vh for (u, _, vh), s in zip(fs, parts)]
-            spectra[key] = spectral.singular_values(torch.cat(u_s_vh, dim=0))
+            after[key] = spectral.singular_values(torch.cat([(u * s) @ vh for (u, _, vh), s in zip(fs, parts)]))
+            before[key] = spectral.singular_values(torch.cat([(u * s) @ vh for u, s, vh in fs]))
         for key, value in dense.items():
-            info = layer_info[key]
-            if info.kind in ("attn", "mlp") and value.ndim == 2:
-                spectra[key] = spectral.singular_values(value)
-        for key, s in spectra.items():
+            if layer_info[key].kind in ("attn", "mlp") and value.ndim == 2:
+                after[key] = spectral.singular_values(value)
+        for key, s in after.items():
             info = layer_info[key]
             base = {"group": group, "n_experts": len(groups[group]), "method": method,
                     "boosted": boosted, "key": key, "block": info.block, "kind": info.kind}
             rows.append({**base, "stable_rank": spectral.stable_rank(s),
                          "energy_rank": spectral.energy_rank(s, energy_frac)})
-            for i, sigma in enumerate(s.tolist()):
-                sig_rows.append({**{k: base[k] for k in ("group", "n_experts", "method", "boosted",
-                                                         "kind", "key")}, "index": i, "sigma": sigma})
+            states = [(boosted, s)] + ([(False, before[key])] if key in before else [])
+            for state, values in states:
+                for i, sigma in enumerate(values.tolist()):
+                    sig_rows.append({"group": group, "n_experts": base["n_experts"], "method": method,
+                                     "boosted": state, "kind": info.kind, "key": key,
+                                     "index": i, "sigma": sigma})
     _write_csv(pd.DataFrame(rows), out_summary)
     _write_csv(pd.DataFrame(sig_rows), out_sigma)
 
@@ -210,8 +214,13 @@ def build_figures(scores_path: PathLike, summary_path: PathLike, sigma_path: Pat
     summary = pd.read_csv(summary_path)
     sigma = pd.read_csv(sigma_path)
     written: list[Path] = []
+    # paper Fig. 1a: the Task Arithmetic family with and without boosting (TSV-M / Iso change
+    # the spectrum by construction and would crowd the plot; their ranks are in the summary CSV)
+    family = [m for m, meta in methods.items()
+              if meta["rule"] in ("task_arithmetic", "ties", "consensus") and "lines" not in meta]
     written += _figure(figures.rank_collapse, out_dir / "rank_collapse", [summary_path], config,
-                       summary, methods=methods, energy_frac=0.9)
+                       summary[summary["method"].isin(family)], methods={m: methods[m] for m in family},
+                       energy_frac=0.9)
     largest = max(groups, key=lambda g: len(groups[g]))
     boosted = [m for m in methods if "boost" in methods[m]]
     spectra_method = next((m for m in boosted if methods[m]["rule"] == "task_arithmetic"
