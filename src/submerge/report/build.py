@@ -246,5 +246,5 @@ def build_figures(scores_path: PathLike, summary_path: PathLike, sigma_path: Pat
     sig, merged = merged_generalised_sv(hogsvd_path, hogsvd_tvs, pick.key, pick.row_block)
     written += _figure(figures.subspace_importance, out_dir / "subspace_importance",
                        [hogsvd_path, *hogsvd_tvs], config, sig, experts, merged=merged,
-                       title=f"{pick.key} (block {pick.row_block}), group {largest}")
+                       title=f"{pick.key} (row block {pick.row_block}), group {largest}")
     return written
