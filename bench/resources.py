@@ -29,7 +29,7 @@ def main(root: str) -> None:
     print("Machine: 2 CPU cores (shared), no GPU; a run of `make run` (`snakemake --cores all`).\n")
     print("| rule | jobs | mean s | max s | total s | max RSS MB |\n|---|--:|--:|--:|--:|--:|")
     for rule, r in agg.sort_values("total_s", ascending=False).iterrows():
-        print(f"| {rule} | {r.jobs} | {r.mean_s:.1f} | {r.max_s:.1f} | {r.total_s:.0f} | {r.max_rss_mb:.0f} |")
+        print(f"| {rule} | {int(r.jobs)} | {r.mean_s:.1f} | {r.max_s:.1f} | {r.total_s:.0f} | {r.max_rss_mb:.0f} |")
     print(f"\nSum of job times: {frame.s.sum():.0f} s over {len(frame)} jobs "
           f"(mean {frame.s.mean():.1f} s per job; most of a small job is starting Python and importing torch).")
 
