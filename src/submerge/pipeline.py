@@ -171,6 +171,14 @@ def _build_real_head(suite: Mapping, expert: str, out_head: PathLike) -> None:
 
     spec = suite["experts"][expert]
     head_spec = spec.get("head")
+    if spec.get("dataset", {}).get("kind") == "text":
+        # text-to-text tasks are scored by the language model itself (data.language); the head
+        # file only records that, so that every expert has the same outputs
+        heads.save_head(out_head, torch.zeros(0, 0), None,
+                        {"normalize": False, "logit_scale": 1.0, "expert": expert,
+                         "kind": "text-to-text", "note": "no classification head: rank "
+                         "classification / exact match with the T5 model"})
+        return
     if head_spec is None:
         raise ConfigError(f"config field experts.{expert}.head: required for downloaded experts "
                           "({source: ...} or {zeroshot: true})")
