@@ -15,12 +15,13 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ def setup_logging(log_path: PathLike | None) -> None:
         handlers.append(logging.FileHandler(log_path, mode="w"))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def excepthook(kind, value, tb):  # the error also goes to the job's log file
+        logging.getLogger("submerge").critical("job failed", exc_info=(kind, value, tb))
+
+    sys.excepthook = excepthook
 
 
 def suite_root(suite: Mapping) -> Path:
@@ -100,11 +106,15 @@ def _load_source(spec: Mapping, what: str) -> tuple[dict, dict]:
     from .io.download import fetch
 
     source = spec["source"]
-    path = fetch(source, cache_dir())
-    raw = load_checkpoint(path, trust_pickle=bool(spec.get("trust_pickle", False)),
-                          sha256=source.get("sha256"))
+    pinned = source.get("sha256")
+    path = fetch(source, cache_dir())  # verifies a pinned sha256
+    trust = bool(spec.get("trust_pickle", False))
+    # load_checkpoint only needs the pin to allow full pickle; fetch has checked it already
+    raw = load_checkpoint(path, trust_pickle=trust, sha256=pinned if trust else None)
     log.info("%s: loaded %s (%d entries)", what, path, len(raw))
-    return raw, {"source": dict(source), "sha256": sha256_file(path), "file": str(path)}
+    digest = str(pinned).strip().lower() if pinned else sha256_file(path)
+    # "source_*": the normalised file's sidecar keeps "sha256" for its own hash (save_normalized)
+    return raw, {"source": dict(source), "source_sha256": digest, "source_file": str(path)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +221,6 @@ def zero_shot_head_for_suite(suite: Mapping, expert: str) -> tuple[torch.Tensor,
 
         model = open_clip.create_model(arch["model"], pretrained=None,
                                        force_quick_gelu=bool(arch.get("quick_gelu", False)))
-        model.load_state_dict(raw)
         tokenizer = open_clip.get_tokenizer(arch["model"])
     elif suite["adapter"] == "hf_clip_vision":
         import transformers
@@ -226,9 +235,18 @@ def zero_shot_head_for_suite(suite: Mapping, expert: str) -> tuple[torch.Tensor,
         config = transformers.CLIPConfig(**arch) if "vision_config" in arch else \
             transformers.CLIPConfig(vision_config=arch, projection_dim=arch.get("projection_dim", 512))
         model = transformers.CLIPModel(config)
-        model.load_state_dict(raw, strict=False)
+        # transformers 4 saved the position_ids buffers that transformers 5 no longer keeps
+        expected = set(model.state_dict())
+        raw = {k: v for k, v in raw.items() if k in expected or not k.endswith("embeddings.position_ids")}
     else:
         raise ConfigError(f"config field adapter: zero-shot heads need a CLIP adapter, not {suite['adapter']!r}")
+    try:  # strict: a missing text tower must not leave a randomly initialised one behind
+        model.load_state_dict(raw)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"zeroshot_model {info['source_file']}: not a full CLIP checkpoint of config field arch "
+            f"(hf_clip_vision: a vision-only arch gets transformers' default text tower; otherwise give "
+            f"a CLIPConfig dict with text_config, vision_config and projection_dim): {exc}") from exc
     weight, meta = heads.zero_shot_head(model, tokenizer, classnames, templates)
     meta.update(zeroshot_model=info)
     return weight, meta
