@@ -1,6 +1,5 @@
 # Config validation, path helpers and input functions shared by all rule files.
 import itertools
-import math
 
 from snakemake.utils import validate
 
@@ -187,7 +186,7 @@ def merged_inputs(wildcards):
 def score_inputs(wildcards):
     return {
         "grid": [f for g, m in PAIRS for f in grid_files(g, m)],
-        "test": [f"{R}/test/{g}/{m}.json" for g, m in PAIRS],
+        "test": test_files(wildcards),
         "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
     }
 
