@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from workflow_utils import snakemake, write_config
+from test_heads import _tiny_word_tokenizer  # the one tiny offline tokenizer of the tests
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +30,6 @@ OFFLINE = {"SUBMERGE_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE"
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _tokenizer(words):
-    """A tiny word-level tokenizer (as in tests/test_heads.py): <s> text </s>, eos id 3."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
 
 
 def _arch(vocab_size: int) -> dict:
@@ -116,7 +101,7 @@ def _make_inputs(root: Path) -> tuple[dict, object, object]:
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPModel
 
-    tokenizer = _tokenizer(WORDS)
+    tokenizer = _tiny_word_tokenizer(WORDS)
     tok_dir = root / "tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
     arch = _arch(len(tokenizer))
