@@ -383,16 +383,22 @@ def merged_delta(merged_path: PathLike, method: Mapping, beta: float | None,
     return reconstruct(dense, factors, layer_info, method, beta)
 
 
-def merged_module(suite: Mapping, base_path: PathLike, delta: Mapping, alpha: float,
-                  device: torch.device):
-    """θ = θ_base + α·Δ loaded into a fresh tower module on ``device``."""
+def load_base(base_path: PathLike, device: torch.device) -> dict:
+    """The normalised base state dict on ``device`` (read once per job, reused per model)."""
     from .io.checkpoints import load_normalized
+
+    base, _ = load_normalized(base_path)
+    return {k: v.to(device) for k, v in base.items()}
+
+
+def merged_module(suite: Mapping, base: Mapping, delta: Mapping, alpha: float,
+                  device: torch.device):
+    """θ = θ_base + α·Δ loaded into a fresh tower module on ``device`` (``base`` from
+    :func:`load_base`)."""
     from .merging.task_vectors import apply_task_vector
     from .models import get_adapter
 
     adapter = get_adapter(suite["adapter"])
-    base, _ = load_normalized(base_path)
-    base = {k: v.to(device) for k, v in base.items()}
     theta = apply_task_vector(base, {k: v.to(base[k].dtype) for k, v in delta.items()}, alpha)
     module = adapter.build(suite_arch(suite))
     module.load_state_dict(theta)
@@ -417,7 +423,8 @@ def run_grid_point(suite: Mapping, experts: Sequence[str], method: Mapping, grou
     """Reconstruct θ = θ_base + α·boost_β(Δ_merge) from the cache; validation accuracy per task."""
     device = resolve_device(eval_cfg.get("device", "auto"))
     delta = merged_delta(merged_path, method, beta, device)
-    adapter, module, theta = merged_module(suite, base_path, delta, alpha, device)
+    base = load_base(base_path, device)
+    adapter, module, theta = merged_module(suite, base, delta, alpha, device)
     accuracy = _evaluate_on(suite, experts, adapter, module, "val", eval_cfg, device)
     if save_merged:
         from .io.checkpoints import save_normalized
@@ -488,7 +495,8 @@ def run_test_point(suite: Mapping, experts: Sequence[str], method: Mapping, grou
     best = choose_point(grid, refs, metric)
     device = resolve_device(eval_cfg.get("device", "auto"))
     delta = merged_delta(merged_path, method, best["beta"], device)
-    adapter, module, _ = merged_module(suite, base_path, delta, best["alpha"], device)
+    base = load_base(base_path, device)
+    adapter, module, _ = merged_module(suite, base, delta, best["alpha"], device)
     accuracy = _evaluate_on(suite, experts, adapter, module, "test", eval_cfg, device)
     write_json(out, {"group": group, "method": method_name, "alpha": best["alpha"],
                      "beta": best["beta"], "split": "test", "device": str(device),
@@ -577,13 +585,14 @@ def choose_tall_lambdas(suite: Mapping, experts: Sequence[str], base_path: PathL
 
     device = resolve_device(eval_cfg.get("device", "auto"))
     tvs, layer_info = _load_task_vectors(tv_paths, device)
+    base = load_base(base_path, device)
     ta = task_arithmetic(tvs, layer_info)
     scores: dict[str, dict[str, float]] = {e: {} for e in experts}
     for lam in sorted(lambdas):
         masks = tall_masks(tvs, [lam] * len(tvs))
         for expert, mask in zip(experts, masks):
             delta = {k: v * mask[k] if k in mask else v for k, v in ta.items()}
-            adapter, module, _ = merged_module(suite, base_path, delta, 1.0, device)
+            adapter, module, _ = merged_module(suite, base, delta, 1.0, device)
             acc = _evaluate_on(suite, [expert], adapter, module, "val", eval_cfg, device)
             scores[expert][str(lam)] = acc[expert]
     chosen = {e: float(max(sorted(s, key=float), key=lambda lam: s[lam])) for e, s in scores.items()}
@@ -621,6 +630,7 @@ def run_selection(suite: Mapping, universe: Sequence[str], selection: Mapping,
     refs = {r["expert"]: r for r in map(read_json, reference_paths)}
     device = resolve_device(eval_cfg.get("device", "auto"))
     all_tvs, layer_info = _load_task_vectors(tv_paths, device)
+    base = load_base(base_path, device)
     rows = []
     for setting, draw, picked in settings:
         members = [universe[i] for i in pool + list(picked)]
@@ -630,11 +640,11 @@ def run_selection(suite: Mapping, universe: Sequence[str], selection: Mapping,
         for beta in betas:
             delta = delta_fn(beta)
             for alpha in alphas:
-                adapter, module, _ = merged_module(suite, base_path, delta, alpha, device)
+                adapter, module, _ = merged_module(suite, base, delta, alpha, device)
                 acc = _evaluate_on(suite, members, adapter, module, "val", eval_cfg, device)
                 grid.append({"alpha": alpha, "beta": beta, "accuracy": acc})
         best = choose_point(grid, refs, eval_cfg.get("selection_metric", "normalized"))
-        adapter, module, _ = merged_module(suite, base_path, delta_fn(best["beta"]),
+        adapter, module, _ = merged_module(suite, base, delta_fn(best["beta"]),
                                            best["alpha"], device)
         test = _evaluate_on(suite, list(universe), adapter, module, "test", eval_cfg, device)
         for task, acc in test.items():
