@@ -19,12 +19,7 @@ from submerge.suites import digits
 CFG = {"arch": {"width": 32, "layers": 1, "heads": 2, "output_dim": 16}, "n_val": 150, "n_test": 120}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture()
