@@ -6,9 +6,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The default config is loaded only when none is given: a --configfile for a real suite must
-# not be merged key by key into the digits suite's experts and groups.
-if not config:
+# The default config is loaded unless a --configfile is given (a real suite's config must not
+# be merged key by key into the digits suite's experts and groups); --config overrides apply
+# on top of either.
+if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 

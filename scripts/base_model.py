@@ -1,5 +1,7 @@
-"""Snakemake script: the base model's tower, normalised (see submerge.pipeline.build_base)."""
-from submerge.pipeline import build_base, setup_logging
+"""Snakemake script: the base model's tower, normalised (see submerge.stages.checkpoints.build_base)."""
+from submerge.logs import setup_logging
+from submerge.recipe import Suite
+from submerge.stages.checkpoints import build_base
 
 setup_logging(snakemake.log[0])
-build_base(snakemake.params.suite, snakemake.output.model)
+build_base(Suite.from_params(snakemake.params.suite), snakemake.output.model)

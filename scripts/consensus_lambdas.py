@@ -1,7 +1,10 @@
-"""Snakemake script: TALL-mask λ per task chosen on validation (see submerge.pipeline.choose_tall_lambdas)."""
-from submerge.pipeline import choose_tall_lambdas, setup_logging
+"""Snakemake script: TALL-mask λ per task chosen on validation (see submerge.stages.merge.choose_tall_lambdas)."""
+from submerge.logs import setup_logging
+from submerge.recipe import EvalSettings, Suite
+from submerge.stages.merge import choose_tall_lambdas
 
 setup_logging(snakemake.log[0])
-choose_tall_lambdas(snakemake.params.suite, snakemake.params.experts, snakemake.input.base,
-                    snakemake.input.taskvectors, snakemake.params.lambdas, snakemake.output[0],
-                    snakemake.params.eval)
+p = snakemake.params
+choose_tall_lambdas(Suite.from_params(p.suite), p.experts, snakemake.input.base,
+                    snakemake.input.taskvectors, p.lambdas, snakemake.output[0],
+                    EvalSettings.from_params(p.eval))

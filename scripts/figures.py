@@ -1,10 +1,12 @@
-"""Snakemake script: every figure of the report (see submerge.report.build.build_figures)."""
+"""Snakemake script: every figure of the report (see submerge.report.build.build_figures; no torch)."""
 from pathlib import Path
 
-from submerge.pipeline import setup_logging
-from submerge.report.build import build_figures
+from submerge.logs import setup_logging
+from submerge.recipe import parse_config
+from submerge.report.build import build_figures, check_outputs, named_inputs
 
 setup_logging(snakemake.log[0])
-build_figures(snakemake.input.scores, snakemake.input.summary, snakemake.input.sigma,
-              snakemake.input.hogsvd, snakemake.input.taskvectors, snakemake.params.methods,
-              snakemake.params.groups, Path(snakemake.output[0]).parent, config=snakemake.params.config)
+config = snakemake.params.config
+written = build_figures(named_inputs(snakemake.input), parse_config(config),
+                        Path(snakemake.output[0]).parent, config=config)
+check_outputs(written, snakemake.output)

@@ -1,8 +1,9 @@
-"""Snakemake script: per-layer HO-GSVD of one group (see submerge.pipeline.hogsvd_group)."""
-from submerge.pipeline import hogsvd_group, setup_logging
+"""Snakemake script: per-layer HO-GSVD of one group (see submerge.stages.spectra.hogsvd_group)."""
+from submerge.logs import setup_logging
+from submerge.recipe import HOGSVDSettings
+from submerge.stages.spectra import hogsvd_group
 
 setup_logging(snakemake.log[0])
-opts = snakemake.params.hogsvd
-hogsvd_group(snakemake.params.experts, snakemake.input.taskvectors, snakemake.output[0],
-             pi=opts.get("pi", 1e-2), layers=opts.get("layers", "both"),
-             device=snakemake.params.device)
+p = snakemake.params
+hogsvd_group(p.experts, snakemake.input.taskvectors, snakemake.output[0],
+             HOGSVDSettings(pi=p.pi, layers=p.layers), device=p.device)

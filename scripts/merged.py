@@ -1,7 +1,11 @@
-"""Snakemake script: Δ_merge of one (group, method) and its SVD cache (see submerge.pipeline.merge_group)."""
-from submerge.pipeline import merge_group, setup_logging
+"""Snakemake script: Δ_merge of one (group, method) and its SVD cache (see submerge.stages.merge.merge_group)."""
+from submerge.logs import setup_logging
+from submerge.merges import EXTRA_INPUTS
+from submerge.recipe import Method
+from submerge.stages.merge import merge_group
 
 setup_logging(snakemake.log[0])
-merge_group(snakemake.params.experts, snakemake.input.taskvectors, snakemake.params.method,
-            snakemake.output[0], lambdas_path=snakemake.input.get("lambdas"),
-            device=snakemake.params.device)
+p = snakemake.params
+merge_group(p.experts, snakemake.input.taskvectors, Method.from_params(p.method), snakemake.output[0],
+            extra_paths={n: snakemake.input[n] for n in EXTRA_INPUTS if n in snakemake.input.keys()},
+            device=p.device)

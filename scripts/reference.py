@@ -1,6 +1,9 @@
-"""Snakemake script: accuracy of one expert and of the base with its head (see submerge.pipeline.run_reference)."""
-from submerge.pipeline import run_reference, setup_logging
+"""Snakemake script: accuracy of one expert and of the base with its head (see submerge.stages.evaluate.run_reference)."""
+from submerge.logs import setup_logging
+from submerge.recipe import EvalSettings, Suite
+from submerge.stages.evaluate import run_reference
 
 setup_logging(snakemake.log[0])
-run_reference(snakemake.params.suite, snakemake.wildcards.expert, snakemake.input.base,
-              snakemake.input.expert, snakemake.output[0], snakemake.params.eval)
+run_reference(Suite.from_params(snakemake.params.suite), snakemake.wildcards.expert,
+              snakemake.input.base, snakemake.input.expert, snakemake.output[0],
+              EvalSettings.from_params(snakemake.params.eval))

@@ -1,5 +1,6 @@
-"""Snakemake script: aggregate all grid/test/reference JSONs into scores.csv (see submerge.pipeline.aggregate_scores)."""
-from submerge.pipeline import aggregate_scores, setup_logging
+"""Snakemake script: aggregate all grid/test/reference JSONs into scores.csv (see submerge.stages.evaluate.aggregate_scores)."""
+from submerge.logs import setup_logging
+from submerge.stages.evaluate import aggregate_scores
 
 setup_logging(snakemake.log[0])
 aggregate_scores(snakemake.params.suite, snakemake.params.groups, snakemake.input.grid,

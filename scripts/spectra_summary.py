@@ -1,16 +1,10 @@
-"""Snakemake script: rank and spectrum summaries of all merged caches (see submerge.report.build.spectra_summary)."""
-from pathlib import Path
-
-from submerge.pipeline import setup_logging
-from submerge.report.build import spectra_summary
+"""Snakemake script: rank and spectrum summaries of all merged caches (see submerge.stages.report.spectra_summary)."""
+from submerge.logs import setup_logging
+from submerge.recipe import Method
+from submerge.stages.report import keyed, spectra_summary
 
 setup_logging(snakemake.log[0])
-
-
-def key(path):
-    return Path(path).parent.name, Path(path).stem  # (group, method)
-
-
-spectra_summary({key(p): p for p in snakemake.input.merged}, {key(p): p for p in snakemake.input.test},
-                snakemake.params.groups, snakemake.params.methods,
+spectra_summary(keyed(snakemake.input.merged), keyed(snakemake.input.test),
+                snakemake.params.n_experts,
+                {name: Method.from_params(p) for name, p in snakemake.params.methods.items()},
                 snakemake.output.summary, snakemake.output.sigma)

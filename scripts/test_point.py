@@ -1,9 +1,11 @@
-"""Snakemake script: test accuracy at the grid point chosen on validation (see submerge.pipeline.run_test_point)."""
-from submerge.pipeline import run_test_point, setup_logging
+"""Snakemake script: test accuracy at the grid point chosen on validation (see submerge.stages.evaluate.run_test_point)."""
+from submerge.logs import setup_logging
+from submerge.recipe import EvalSettings, Method, Suite
+from submerge.stages.evaluate import run_test_point
 
 setup_logging(snakemake.log[0])
-wc = snakemake.wildcards
-run_test_point(snakemake.params.suite, snakemake.params.experts, snakemake.params.method,
-               wc.group, wc.method, snakemake.input.grid, snakemake.input.references,
+p = snakemake.params
+run_test_point(Suite.from_params(p.suite), p.experts, Method.from_params(p.method),
+               snakemake.wildcards.group, snakemake.input.grid, snakemake.input.references,
                snakemake.input.base, snakemake.input.merged, snakemake.output[0],
-               snakemake.params.eval, snakemake.params.selection_metric)
+               EvalSettings.from_params(p.eval))

@@ -325,3 +325,156 @@ def test_t5_tower_fills_tied_names_and_encodes():
     del saved["decoder.block.2.layer.1.EncDecAttention.k.weight"]
     with pytest.raises(CheckpointError, match=r"'decoder\.block\.2\.layer\.1\.EncDecAttention\.k\.weight'"):
         adapter.tower_state_dict(saved)
+
+
+# ----------------------------------------------------------------------------- image preprocessing
+
+def _random_image(height=37, width=23, seed=0):
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3)).astype(np.uint8))
+
+
+@pytest.mark.parametrize("arch, size", [({"model": "ViT-B-32"}, 224), (TINY_VIT, 16),
+                                        ({**TINY_VIT, "image_size": [16, 16]}, 16)])
+def test_open_clip_image_transform_is_open_clips_eval_transform(arch, size):
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from submerge.data.vision import image_transform
+
+    adapter = get_adapter("open_clip_vit")
+    assert adapter.image_size(arch) == size
+    reference = open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    for image in (_random_image(), _random_image(20, 41, seed=1)):
+        expected = reference(image)
+        assert expected.shape == (3, size, size)
+        assert torch.equal(adapter.image_transform(arch)(image), expected)
+        assert torch.equal(image_transform({"adapter": "open_clip_vit", "arch": arch})(image), expected)
+
+
+@pytest.mark.parametrize("arch, size", [(_clip_vision_config(), 16), ({"vision_config": {"image_size": 32}}, 32),
+                                        ({}, 224)])
+def test_hf_clip_image_transform_is_clip_image_processor(arch, size):
+    from transformers import CLIPImageProcessor
+
+    from submerge.data.vision import image_transform
+
+    adapter = get_adapter("hf_clip_vision")
+    assert adapter.image_size(arch) == size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    for image in (_random_image(), _random_image(20, 41, seed=1)):
+        expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        assert expected.shape == (3, size, size)
+        assert torch.equal(adapter.image_transform(arch)(image), expected)
+        assert torch.equal(image_transform({"adapter": "hf_clip_vision", "arch": arch})(image), expected)
+
+
+def test_image_preprocessing_errors():
+    with pytest.raises(ConfigError, match="adapter 'hf_t5' has no image preprocessing"):
+        get_adapter("hf_t5").image_transform({})
+    with pytest.raises(ConfigError, match="adapter 'hf_t5' has no image preprocessing"):
+        get_adapter("hf_t5").image_size({})
+    oc, hf = get_adapter("open_clip_vit"), get_adapter("hf_clip_vision")
+    with pytest.raises(ConfigError, match="must be square"):
+        oc.image_size({**TINY_VIT, "image_size": [16, 8]})
+    with pytest.raises(ConfigError, match="image_size"):
+        oc.image_size({"patch_size": 8})
+    with pytest.raises(ConfigError, match="not an open_clip model config"):
+        oc.image_transform({"model": "ViT-Nope"})
+    with pytest.raises(ConfigError, match="CLIPVisionConfig"):
+        hf.image_size({"vision_config": "not a mapping"})
+    for adapter in (oc, hf):
+        with pytest.raises(ConfigError, match="'arch' mapping"):
+            adapter.image_transform(None)
+
+
+# ----------------------------------------------------------------------------- zero-shot models
+
+_TINY_OC_CLIP = "submerge-test-tiny-clip"
+
+
+@pytest.fixture()
+def tiny_open_clip_config(monkeypatch):
+    """A tiny full open_clip CLIP registered as a named config (as ViT-B-32 is)."""
+    import open_clip.factory
+
+    cfg = {"embed_dim": 8, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "head_width": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, _TINY_OC_CLIP, cfg)
+    return {"model": _TINY_OC_CLIP, "quick_gelu": True}
+
+
+@pytest.fixture()
+def clip_tokenizer_dir(tmp_path):
+    """A tiny word-level tokenizer in CLIP's layout (<s> text </s>), saved like a hub tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate("a photo of the cat dog .".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(tmp_path / "tok"))
+    return tmp_path / "tok"
+
+
+def _same_state(model, raw):
+    sd = model.state_dict()
+    assert sd.keys() == raw.keys()
+    assert all(torch.equal(sd[k], raw[k]) for k in raw)
+
+
+def test_open_clip_zero_shot_model_loads_strictly(tiny_open_clip_config):
+    import open_clip
+
+    from submerge.data.heads import zero_shot_head
+
+    adapter = get_adapter("open_clip_vit")
+    torch.manual_seed(3)
+    source = open_clip.create_model(_TINY_OC_CLIP, pretrained=None, force_quick_gelu=True).eval()
+    raw = {k: v.clone() for k, v in source.state_dict().items()}
+    model, tokenizer = adapter.zero_shot_model(tiny_open_clip_config, raw, None, source="clip.safetensors")
+    _same_state(model, raw)
+    assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    got, _ = zero_shot_head(model, tokenizer, ["cat", "dog"], ["a photo of a {c}."])
+    want, _ = zero_shot_head(source, open_clip.get_tokenizer(_TINY_OC_CLIP), ["cat", "dog"], ["a photo of a {c}."])
+    assert torch.equal(got, want)
+    vision_only = {f"visual.{k}": v for k, v in source.visual.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"zeroshot_model clip\.safetensors: not a full CLIP checkpoint"):
+        adapter.zero_shot_model(tiny_open_clip_config, vision_only, None, source="clip.safetensors")
+    with pytest.raises(ConfigError, match="'model'"):
+        adapter.zero_shot_model(TINY_VIT, raw)
+
+
+def test_hf_clip_zero_shot_model_loads_strictly(clip_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from submerge.data.heads import zero_shot_head
+
+    adapter = get_adapter("hf_clip_vision")
+    source = _tiny_clip()
+    arch = source.config.to_dict()
+    raw = {k: v.clone() for k, v in source.state_dict().items()}
+    legacy = {"vision_model.embeddings.position_ids": torch.arange(5)[None],
+              "text_model.embeddings.position_ids": torch.arange(16)[None]}  # saved by transformers 4
+    model, tokenizer = adapter.zero_shot_model(arch, {**raw, **legacy}, {"path": str(clip_tokenizer_dir)},
+                                               source="clip.bin")
+    _same_state(model, raw)
+    got, _ = zero_shot_head(model, tokenizer, ["cat", "dog"], ["a photo of the {c} ."])
+    want, _ = zero_shot_head(source, AutoTokenizer.from_pretrained(str(clip_tokenizer_dir)), ["cat", "dog"],
+                             ["a photo of the {c} ."])
+    assert torch.equal(got, want)
+    vision_only = adapter.tower_state_dict(raw)  # a CLIPVisionModelWithProjection: no text tower
+    with pytest.raises(CheckpointError,
+                       match=r"(?s)zeroshot_model clip\.bin: not a full CLIP checkpoint.*Missing.*text_model"):
+        adapter.zero_shot_model(arch, vision_only, {"path": str(clip_tokenizer_dir)}, source="clip.bin")
+    with pytest.raises(ConfigError, match="config field tokenizer"):
+        adapter.zero_shot_model(arch, raw, None)
+
+
+def test_zero_shot_model_needs_a_clip_adapter():
+    with pytest.raises(ConfigError, match="config field adapter: zero-shot heads need a CLIP adapter, not 'hf_t5'"):
+        get_adapter("hf_t5").zero_shot_model({}, {}, None)

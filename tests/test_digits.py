@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from submerge.errors import ConfigError
 from submerge.models import get_adapter
-from submerge.suites import digits
+from submerge.suites import digits, digits_config
 
 # Tiny and fast: one block of width 32, 300 training images, one epoch.
 TINY = {"arch": {"width": 32, "layers": 1, "heads": 2, "output_dim": 16},
@@ -171,6 +174,24 @@ def test_groups_are_prefixes_of_the_task_order():
     assert list(digits.GROUPS) == ["n4", "n8", "n14", "n20"]
     for name, members in digits.GROUPS.items():
         assert members == order[: int(name[1:])]
+
+
+def test_digits_config_lists_the_tasks_in_order():
+    assert digits_config.TASK_NAMES == tuple(digits.TASKS) == digits.TASK_NAMES
+    assert digits.GROUPS == digits_config.GROUPS
+    assert digits_config.N_IMAGES == len(load_digits().target)
+    assert digits.resolve_config is digits_config.resolve_config and digits.DEFAULTS is digits_config.DEFAULTS
+
+
+def test_digits_config_does_not_import_torch():
+    code = ("import sys\n"
+            "import submerge, submerge.suites\n"
+            "from submerge.suites.digits_config import DEFAULTS, GRID, GROUPS, TASK_NAMES, resolve_config\n"
+            "assert resolve_config({'seed': 3})['seed'] == 3 and len(TASK_NAMES) == 20\n"
+            "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'open_clip', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 # --------------------------------------------------------------------------- config

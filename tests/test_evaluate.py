@@ -9,10 +9,10 @@ import types
 import pytest
 import torch
 
-from submerge.data import EvalTask, head_logits, load_eval_task, load_head
+from submerge.data import EvalTask, head_logits, load_head
 from submerge.data.heads import save_head
 from submerge.errors import CheckpointError, ConfigError
-from submerge.evaluate import evaluate, resolve_device
+from submerge.evaluate import evaluate, load_eval_task, resolve_device
 from submerge.models import get_adapter
 from submerge.suites import digits
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from submerge.errors import CheckpointError, ConfigError
 from submerge.hogsvd import (
     alignment_matrix,
+    alignment_objective,
     common_unique_parts,
     common_unique_split,
     higher_order_boost,
@@ -31,7 +33,6 @@ from submerge.hogsvd import (
     random_selection,
     s_matrix,
     select_experts,
-    selection_score,
 )
 from submerge.layers import LayerInfo
 
@@ -272,8 +273,8 @@ def test_planted_alignment_and_selection():
     align = alignment_matrix(sigmas)
     poorly, well = float(align[0, 1]), min(float(align[0, j]) for j in (2, 3, 4))
     assert poorly < 1e-6 and well > math.log(10) * 6 / 15  # poorly vs well aligned
-    for method in ("greedy", "exhaustive"):
-        chosen = select_experts(align, pool=[0], candidates=[1, 2, 3, 4], k=3, method=method)
+    for strategy in ("greedy", "exhaustive"):
+        chosen = select_experts(align, pool=[0], candidates=[1, 2, 3, 4], k=3, strategy=strategy)
         assert sorted(chosen) == [2, 3, 4]
 
 
@@ -288,11 +289,11 @@ def test_greedy_vs_exhaustive(seed, n_pool, n_cand, k, weight):
     a = (a + a.T).fill_diagonal_(0)
     pool, cands = list(range(n_pool)), list(range(n_pool, size))
     greedy = select_experts(a, pool, cands, k, within_weight=weight)
-    best = select_experts(a, pool, cands, k, method="exhaustive", within_weight=weight)
+    best = select_experts(a, pool, cands, k, strategy="exhaustive", within_weight=weight)
     assert len(set(greedy)) == k == len(best) and set(greedy) <= set(cands)
-    brute = max(selection_score(a, pool, c, within_weight=weight) for c in itertools.combinations(cands, k))
-    assert selection_score(a, pool, best, within_weight=weight) == pytest.approx(brute)
-    g = selection_score(a, pool, greedy, within_weight=weight)
+    brute = max(alignment_objective(a, pool, c, within_weight=weight) for c in itertools.combinations(cands, k))
+    assert alignment_objective(a, pool, best, within_weight=weight) == pytest.approx(brute)
+    g = alignment_objective(a, pool, greedy, within_weight=weight)
     assert g <= brute + 1e-12
     if weight == 0.0:  # separable objective: greedy is optimal
         assert g == pytest.approx(brute)
@@ -307,9 +308,9 @@ def test_selection_bad_input():
     with pytest.raises(ValueError, match="out of range"):
         select_experts(a, [0], [1, 7], 1)
     with pytest.raises(ValueError, match="max_combinations"):
-        select_experts(a, [0], [1, 2, 3, 4], 2, method="exhaustive", max_combinations=3)
-    with pytest.raises(ValueError, match="method"):
-        select_experts(a, [0], [1, 2], 1, method="best")
+        select_experts(a, [0], [1, 2, 3, 4], 2, strategy="exhaustive", max_combinations=3)
+    with pytest.raises(ValueError, match="strategy"):
+        select_experts(a, [0], [1, 2], 1, strategy="best")
 
 
 def test_random_selection():
@@ -511,3 +512,155 @@ def test_hogsvd_merge(boosting):
     bad[2]["blocks.0.mlp.c_fc.weight"] = torch.zeros(2 * 6, 6, dtype=F64)
     with pytest.raises(CheckpointError, match="'blocks.0.mlp.c_fc.weight', row block 0: the stacked matrix"):
         hogsvd_merge(bad, info)
+
+
+# ------------------------------------------------------------------------- HO-GSVD cache
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (4, 8), (6, 6)])
+def test_higher_order_factors_from_a_precomputed_basis(shape):
+    mats = [rand(*shape, seed=30 + i) for i in range(3)]
+    res = hogsvd(mats, pi=0.05)
+    want = higher_order_factors(mats, pi=0.05)
+    got = higher_order_factors(mats, basis=res.V.clone(), transpose=res.transposed)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    torch.testing.assert_close(
+        higher_order_boost(mats, beta=0.5, basis=res.V, transpose=res.transposed),
+        higher_order_boost(mats, beta=0.5, pi=0.05),
+        atol=0,
+        rtol=0,
+    )
+    with pytest.raises(ValueError, match="basis must be a"):
+        higher_order_factors(mats, basis=res.V[:-1])
+
+
+def _write_cache(path, tvs, info, pi, *, drop=(), attrs=None, experts=None):
+    """The cache as the pipeline's hogsvd_group writes it: ``hogsvd(mats, pi=pi)`` per target
+    (key, row block), file attributes pi and layers."""
+    from submerge.boosting import boost_targets
+    from submerge.io.hogsvd_cache import HOGSVDEntry, write_hogsvd_cache
+
+    targets = boost_targets(info, layers="both", attn_mode="per_qkv")
+    entries = []
+    for key in sorted(targets):
+        blocks = targets[key]
+        for b in range(blocks):
+            if (key, b) in drop:
+                continue
+            res = hogsvd([tv[key].chunk(blocks, dim=0)[b] for tv in tvs], pi=pi)
+            entries.append(
+                HOGSVDEntry(
+                    key=key,
+                    row_block=b,
+                    kind=info[key].kind,
+                    block=info[key].block,
+                    V=res.V,
+                    sigma=res.sigma,
+                    eigvals=res.eigvals,
+                    transposed=res.transposed,
+                    seconds=0.0,
+                )
+            )
+    experts = experts or [f"e{i}" for i in range(len(tvs))]
+    write_hogsvd_cache(path, experts, entries, {"pi": pi, "layers": "both"} if attrs is None else attrs)
+    return path
+
+
+def test_hogsvd_merge_from_cache_is_bitwise(boosting, tmp_path, monkeypatch):
+    from submerge.io.hogsvd_cache import read_hogsvd_cache
+
+    tvs, info = _toy_task_vectors()
+    pi = 0.05
+    path = _write_cache(tmp_path / "g.h5", tvs, info, pi)
+    cache = read_hogsvd_cache(path, with_basis=True)
+    assert cache.attrs == {"pi": pi, "layers": "both"} and cache.path == str(path)
+    want = hogsvd_merge(tvs, info, pi=pi)
+    assert any(e.transposed for e in cache.entries)  # the fat c_proj is decomposed transposed
+
+    def no_eigensolver(*args, **kwargs):
+        raise AssertionError("eigen-solve with a cache")
+
+    monkeypatch.setattr("submerge.hogsvd.hogsvd", no_eigensolver)
+    for name in ("eigh", "eigvalsh", "eig", "eigvals"):
+        monkeypatch.setattr(torch.linalg, name, no_eigensolver)
+    for got in (
+        hogsvd_merge(tvs, info, cache=cache),  # pi from the cache
+        hogsvd_merge(tvs, info, cache=cache, pi=pi),
+    ):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    with pytest.raises(AssertionError, match="eigen-solve"):
+        hogsvd_merge(tvs, info, pi=pi)  # the check above would see one
+
+
+def test_hogsvd_merge_cache_errors(boosting, tmp_path):
+    from submerge.io.hogsvd_cache import read_hogsvd_cache
+
+    tvs, info = _toy_task_vectors()
+    path = _write_cache(tmp_path / "g.h5", tvs, info, 1e-2)
+    cache = read_hogsvd_cache(path, with_basis=True)
+    name = re.escape(str(path))
+    with pytest.raises(CheckpointError, match=rf"{name} holds the HO-GSVD of 3 experts .* 2 task vectors"):
+        hogsvd_merge(tvs[:2], info, cache=cache)
+    with pytest.raises(CheckpointError, match=rf"{name} was computed with pi=0.01, the merge asks for pi=0.02"):
+        hogsvd_merge(tvs, info, cache=cache, pi=0.02)
+    with pytest.raises(ValueError, match="with_basis=True"):
+        hogsvd_merge(tvs, info, cache=read_hogsvd_cache(path))
+    missing = _write_cache(tmp_path / "m.h5", tvs, info, 1e-2, drop={("blocks.0.attn.in_proj_weight", 1)})
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(str(missing))} has no entry for key 'blocks.0.attn.in_proj_weight', row block 1",
+    ):
+        hogsvd_merge(tvs, info, cache=read_hogsvd_cache(missing, with_basis=True))
+    no_pi = _write_cache(tmp_path / "p.h5", tvs, info, 1e-2, attrs={})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(no_pi))} does not record pi.*rule hogsvd"):
+        hogsvd_merge(tvs, info, cache=read_hogsvd_cache(no_pi, with_basis=True))
+    other_shape, other_info = _toy_task_vectors(d=4)
+    with pytest.raises(CheckpointError, match=r"key 'blocks.0.attn.in_proj_weight', row block 0: V \(6, 6\)"):
+        hogsvd_merge(other_shape, other_info, cache=cache)
+    other = [{k: v.flip(0) for k, v in tv.items()} for tv in tvs]  # same shapes, other task vectors
+    with pytest.raises(CheckpointError, match="cached sigma does not match"):
+        hogsvd_merge(other, info, cache=cache)
+
+
+def test_read_hogsvd_cache_checks_completeness(boosting, tmp_path):
+    import h5py
+
+    from submerge.io.hogsvd_cache import read_hogsvd_cache
+
+    tvs, info = _toy_task_vectors()
+    key = "blocks.0.mlp.c_fc.weight"
+    cases = {
+        "V": (f"{key}/0/V", True, r"lacks V:"),
+        "sigma": (f"{key}/0/sigma", False, r"lacks sigma:"),
+        "eigvals": (f"{key}/0/eigvals", False, r"lacks eigvals:"),
+        "attr": (f"{key}/0@transposed", False, r"lacks attribute 'transposed'"),
+        "experts": ("@experts", False, r"has no file attribute 'experts'"),
+    }
+    for label, (target, with_basis, message) in cases.items():
+        path = _write_cache(tmp_path / f"{label}.h5", tvs, info, 1e-2)
+        with h5py.File(path, "a") as f:
+            obj, _, attr = target.partition("@")
+            if attr:
+                del (f[obj] if obj else f).attrs[attr]
+            else:
+                del f[obj]
+        where = rf"HO-GSVD cache {re.escape(str(path))}" + (
+            "" if label == "experts" else rf": key '{key}', row block 0"
+        )
+        with pytest.raises(CheckpointError, match=rf"{where} {message}.*delete it and rerun \(rule hogsvd\)"):
+            read_hogsvd_cache(path, with_basis=with_basis)
+    assert len(read_hogsvd_cache(tmp_path / "V.h5")[1]) == 6  # V is needed only with the basis
+    path = _write_cache(tmp_path / "t.h5", tvs, info, 1e-2)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=rf"HO-GSVD cache {re.escape(str(path))} is unreadable or truncated.*rule hogsvd"
+    ):
+        read_hogsvd_cache(path)
+    (tmp_path / "junk.h5").write_bytes(b"not an HDF5 file")
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        read_hogsvd_cache(tmp_path / "junk.h5")
+    with pytest.raises(FileNotFoundError):
+        read_hogsvd_cache(tmp_path / "absent.h5")

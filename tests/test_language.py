@@ -6,9 +6,12 @@ import datasets
 import pytest
 import torch
 
-from submerge.data.language import LanguageTask, choice_log_likelihoods, normalize_target
+from submerge.data.language import LanguageTask, normalize_target
 from submerge.data.vision import val_split_indices
 from submerge.errors import ConfigError
+from submerge.models import get_adapter
+
+T5 = get_adapter("hf_t5")
 
 WORDS = "yes no maybe the cat dog is a question answer true false red blue sky it".split()
 MAX_NEW = 5
@@ -96,8 +99,8 @@ def _suite(tokenizer_dir, dataset):
 
 
 @pytest.mark.parametrize("scoring", ["sum", "mean"])
-def test_choice_log_likelihoods_match_one_pair_at_a_time(t5, tokenizer, ref, scoring):
-    got = choice_log_likelihoods(t5, tokenizer, INPUTS, CHOICES, scoring=scoring)
+def test_score_choices_match_one_pair_at_a_time(t5, tokenizer, ref, scoring):
+    got = T5.score_choices(t5, tokenizer, INPUTS, CHOICES, scoring=scoring)
     for scores, (expected, lengths) in zip(got, ref):
         if scoring == "mean":
             expected = expected / torch.tensor(lengths, dtype=torch.float64)
@@ -112,7 +115,7 @@ def test_rank_classification_accuracy(t5, ref, tokenizer_dir, tmp_path):
     task = LanguageTask(_suite(tokenizer_dir, {"path": str(path), "choices_key": "answer_choices"}), "qa",
                         root=tmp_path)
     for batch_size in (3, 256):
-        assert task.accuracy(None, t5, "test", batch_size=batch_size) == 0.5
+        assert task.accuracy(T5, t5, "test", batch_size=batch_size) == 0.5
     assert task.mode == "rank"
 
 
@@ -124,7 +127,7 @@ def test_rank_classification_with_fixed_choices(t5, tokenizer, tokenizer_dir, tm
     path = _save(tmp_path, rows, rows)
     task = LanguageTask(_suite(tokenizer_dir, {"path": str(path), "input_key": "text", "label_key": "y",
                                                "choices": choices}), "qa", root=tmp_path)
-    assert task.accuracy(None, t5, "test") == 6 / 8
+    assert task.accuracy(T5, t5, "test") == 6 / 8
 
 
 def test_exact_match_accuracy(t5, tokenizer, tokenizer_dir, tmp_path):
@@ -137,7 +140,21 @@ def test_exact_match_accuracy(t5, tokenizer, tokenizer_dir, tmp_path):
                                                "max_new_tokens": MAX_NEW}), "qa", root=tmp_path)
     assert task.mode == "exact"
     for batch_size in (3, 256):
-        assert task.accuracy(None, t5, "test", batch_size=batch_size) == 6 / 8
+        assert task.accuracy(T5, t5, "test", batch_size=batch_size) == 6 / 8
+
+
+def test_score_choices_and_generate_checks_and_other_adapters(t5, tokenizer):
+    assert T5.generate(t5, tokenizer, INPUTS[:2], max_new_tokens=MAX_NEW) == \
+        [reference_greedy(t5, tokenizer, x) for x in INPUTS[:2]]
+    with pytest.raises(ValueError, match="scoring"):
+        T5.score_choices(t5, tokenizer, INPUTS[:1], CHOICES[:1], scoring="max")
+    with pytest.raises(ValueError, match="non-empty"):
+        T5.score_choices(t5, tokenizer, INPUTS[:1], [[]])
+    for name in ("open_clip_vit", "hf_clip_vision"):  # image towers score no text
+        with pytest.raises(ConfigError, match=f"adapter '{name}' cannot score"):
+            get_adapter(name).score_choices(t5, tokenizer, INPUTS[:1], CHOICES[:1])
+        with pytest.raises(ConfigError, match=f"adapter '{name}' cannot generate"):
+            get_adapter(name).generate(t5, tokenizer, INPUTS[:1])
 
 
 def test_normalize_target_round_trip(tokenizer):
@@ -153,9 +170,9 @@ def test_val_split_and_max_examples(t5, tokenizer_dir, tmp_path):
     task = LanguageTask(_suite(tokenizer_dir, {"path": str(path), "choices_key": "answer_choices"}), "qa",
                         root=tmp_path)
     assert task.split("val")["idx"] == val_split_indices(n)[1] and len(task.split("val")) == 3
-    acc = task.accuracy(None, t5, "val")
+    acc = task.accuracy(T5, t5, "val")
     assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
-    assert task.accuracy(None, t5, "test", max_examples=4) in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert task.accuracy(T5, t5, "test", max_examples=4) in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @pytest.mark.parametrize("dataset, message", [
@@ -181,12 +198,12 @@ def test_bad_data(t5, tokenizer_dir, tmp_path):
                             "qa", root=tmp_path)
 
     with pytest.raises(ConfigError, match="value 5 is not an index into its 3 answer choices"):
-        task().accuracy(None, t5, "test")
+        task().accuracy(T5, t5, "test")
     with pytest.raises(ConfigError, match=r"dataset\.input_key = 'question' is not a column"):
-        task(input_key="question").accuracy(None, t5, "test")
+        task(input_key="question").accuracy(T5, t5, "test")
     with pytest.raises(ConfigError, match=r"dataset\.test_split = 'validation' is not a split"):
-        task(test_split="validation").accuracy(None, t5, "test")
+        task(test_split="validation").accuracy(T5, t5, "test")
     bad_tok = LanguageTask({**_suite(tokenizer_dir, {"path": str(path), "choices": ["a"]}),
                             "tokenizer": {"path": str(tmp_path / "nope")}}, "qa", root=tmp_path)
     with pytest.raises(ConfigError, match="tokenizer.path .*nope is not a directory"):
-        bad_tok.accuracy(None, t5, "test")
+        bad_tok.accuracy(T5, t5, "test")

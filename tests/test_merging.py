@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from submerge.errors import ConfigError
 from submerge.layers import LayerInfo
 from submerge.merging import (
-    MERGE_RULES,
     apply_task_vector,
     consensus,
     iso_c,
@@ -474,16 +473,20 @@ def test_lines_alpha_zero_merge():
 
 
 def test_registry_names():
-    assert set(MERGE_RULES) == {"task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts", "hogsvd"}
+    from submerge.merges import MERGES
+
+    assert set(MERGES) == {"task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts", "hogsvd"}
+    for spec in MERGES.values():  # every registered implementation imports
+        assert callable(spec.function())
 
 
 def test_unknown_rule_and_hyperparameter():
     tvs = make_tvs(0, 2, (3, 3))
-    with pytest.raises(ConfigError, match="unknown merge rule 'dare'"):
+    with pytest.raises(ConfigError, match="unknown merge function 'dare'"):
         merge("dare", tvs, LAYER_INFO)
-    with pytest.raises(ConfigError, match=r"'ties' has no hyperparameter\(s\) \['density'\]"):
+    with pytest.raises(ConfigError, match=r"'ties' has no keyword\(s\) \['density'\]"):
         merge("ties", tvs, LAYER_INFO, density=0.2)
-    with pytest.raises(ConfigError, match=r"'task_arithmetic' has no hyperparameter\(s\) \['alpha'\]"):
+    with pytest.raises(ConfigError, match=r"'task_arithmetic' has no keyword\(s\) \['alpha'\]"):
         merge("task_arithmetic", tvs, LAYER_INFO, alpha=0.3)
 
 
@@ -522,8 +525,8 @@ def test_hogsvd_is_registered_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "submerge.hogsvd", fake)
     out = merge("hogsvd", tvs, LAYER_INFO, pi=0.5)
     assert float(out["pi"]) == 0.5 and int(out["n"]) == 2
-    with pytest.raises(ConfigError, match=r"'hogsvd' has no hyperparameter\(s\) \['beta'\]"):
+    with pytest.raises(ConfigError, match=r"'hogsvd' has no keyword\(s\) \['beta'\]"):
         merge("hogsvd", tvs, LAYER_INFO, beta=0.1)
     monkeypatch.setitem(sys.modules, "submerge.hogsvd", None)  # module absent
-    with pytest.raises(ConfigError, match="submerge.hogsvd.hogsvd_merge"):
+    with pytest.raises(ConfigError, match="submerge.hogsvd:hogsvd_merge"):
         merge("hogsvd", tvs, LAYER_INFO)

@@ -36,7 +36,7 @@ def made(tmp_path, monkeypatch):
     sidecar = P.write_sidecar(
         [p.relative_to(tmp_path) for p in outs],
         rel_inputs,
-        config={"methods": {"ta": {"rule": "task_arithmetic"}}, "grid": (0.1, 0.2), "where": res},
+        config={"methods": {"ta": {"merge": "task_arithmetic"}}, "grid": (0.1, 0.2), "where": res},
         command=["snakemake", "--cores", "1", "a b"],
     )
     return dict(root=tmp_path, res=res, outs=outs, inputs=[scores, timing], sidecar=sidecar)
@@ -55,7 +55,7 @@ def test_sidecar_contents(made):
         assert rec["path"] == str(inp.relative_to(made["root"]))
         assert rec["rel"] == f"../{inp.name}"
     assert data["config"] == {
-        "methods": {"ta": {"rule": "task_arithmetic"}},
+        "methods": {"ta": {"merge": "task_arithmetic"}},
         "grid": [0.1, 0.2],
         "where": str(made["res"]),
     }

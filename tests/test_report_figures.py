@@ -1,4 +1,4 @@
-"""Figures render from small synthetic inputs: PDF + PNG written, PNG not blank,
+"""Figures render from small synthetic inputs and a recipe: PDF + PNG written, PNG not blank,
 byte-identical on re-render; bad inputs raise ValueError."""
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from report_utils import make_recipe
 from submerge.report import figures as F
 
 METHODS = {
-    "ta": {"rule": "task_arithmetic"},
-    "ta_sb": {"rule": "task_arithmetic", "boost": {"kind": "sb"}},
-    "ties": {"rule": "ties"},
+    "ta": {"merge": "task_arithmetic"},
+    "ta_sb": {"merge": "task_arithmetic", "boost": {}},
+    "ties": {"merge": "ties"},
 }
+GROUPS = {f"n{n}": [f"t{i}" for i in range(n)] for n in (2, 4, 8)}
+RECIPE = make_recipe(METHODS, GROUPS)
 
 
 @pytest.fixture(scope="module")
@@ -130,55 +133,60 @@ def _render_twice(fn, tmp_path, *args, **kwargs):
 
 def test_rank_collapse(tmp_path, spectra_frames):
     summary, _ = spectra_frames
-    _render(
-        F.rank_collapse,
-        tmp_path,
-        summary,
-        methods={"ta": {"rule": "task_arithmetic"}},
-        kinds=("mlp",),
-        energy_frac=0.9,
-    )
+    _render(F.rank_collapse, tmp_path, summary, RECIPE, methods=["ta"], kinds=("mlp",))
+    _render(F.rank_collapse, tmp_path, summary, RECIPE)  # default: the TA family without LiNeS
     with pytest.raises(ValueError, match="layer kinds"):
-        F.rank_collapse(summary, tmp_path / "x", kinds=("embed",))
+        F.rank_collapse(summary, RECIPE, tmp_path / "x", kinds=("embed",))
     with pytest.raises(ValueError, match="stable_rank"):
-        F.rank_collapse(summary.drop(columns="stable_rank"), tmp_path / "x")
+        F.rank_collapse(summary.drop(columns="stable_rank"), RECIPE, tmp_path / "x")
+    only_tsv = make_recipe({"tsv": {"merge": "tsv_m"}}, GROUPS)
+    with pytest.raises(ValueError, match="no spectra"):
+        F.rank_collapse(summary, only_tsv, tmp_path / "x")
 
 
 def test_spectra(tmp_path, spectra_frames):
     _, sv = spectra_frames
-    _render(F.spectra, tmp_path, sv, method="ta", kinds=("attn",), gammas=(0.5,))
+    _render(F.spectra, tmp_path, sv, RECIPE, method="ta", kinds=("attn",), gammas=(0.5,))
+    assert F.default_spectra_method(RECIPE, ["ties", "ta", "ta_sb"]) == "ta_sb"
+    unboosted = make_recipe({"ta": METHODS["ta"], "ties": METHODS["ties"]}, GROUPS)
     with pytest.raises(ValueError, match="several methods"):
-        F.spectra(sv, tmp_path / "x")
+        F.spectra(sv, unboosted, tmp_path / "x")
     with pytest.raises(ValueError, match="key 'nope'"):
-        F.spectra(sv, tmp_path / "x", method="ties", key="nope")
+        F.spectra(sv, RECIPE, tmp_path / "x", method="ties", key="nope")
 
 
 def test_accuracy_vs_experts(tmp_path, scores):
-    _render_twice(F.accuracy_vs_experts, tmp_path, scores, METHODS)
+    _render_twice(F.accuracy_vs_experts, tmp_path, scores, RECIPE)
     with pytest.raises(ValueError, match="metric"):
-        F.accuracy_vs_experts(scores, METHODS, tmp_path / "x", metric="f1")
+        F.accuracy_vs_experts(scores, RECIPE, tmp_path / "x", metric="f1")
 
 
 def test_alpha_beta_heatmap(tmp_path, scores):
-    _render(F.alpha_beta_heatmap, tmp_path, scores, METHODS)
+    _render(F.alpha_beta_heatmap, tmp_path, scores, RECIPE)
     with pytest.raises(ValueError, match="no boosted method"):
-        F.alpha_beta_heatmap(scores, {"ta": METHODS["ta"]}, tmp_path / "x")
+        F.alpha_beta_heatmap(scores, make_recipe({"ta": METHODS["ta"]}, GROUPS), tmp_path / "x")
 
 
 def test_alignment_heatmap(tmp_path):
     rng = np.random.default_rng(1)
     names = ["Cars", "DTD", "EuroSAT", "GTSRB"]
-    mats = {k: rng.uniform(0, 1, (4, 4)) for k in ("attn", "mean")}
-    _render_twice(F.alignment_heatmap, tmp_path, mats, names)
+    mats = {k: rng.uniform(0, 1, (4, 4)).tolist() for k in ("attn", "mean")}
+    summary = {"group": "n4", "experts": names, "alignment": mats}
+    _render_twice(F.alignment_heatmap, tmp_path, summary, RECIPE)
     with pytest.raises(ValueError, match="shape"):
-        F.alignment_heatmap({"attn": np.eye(3)}, names, tmp_path / "x")
+        F.alignment_heatmap({**summary, "alignment": {"attn": np.eye(3).tolist()}}, RECIPE,
+                            tmp_path / "x")
 
 
 def test_subspace_importance(tmp_path):
     rng = np.random.default_rng(2)
     sig = np.exp(rng.normal(0, 1, (3, 40)))
-    _render(F.subspace_importance, tmp_path, sig, ["A", "B", "C"], merged=sig.mean(0) / 3)
+    imp = {"key": "blocks.1.attn.out_proj.weight", "row_block": 0, "sigma": sig.tolist(),
+           "merged": (sig.mean(0) / 3).tolist()}
+    summary = {"group": "n4", "experts": ["A", "B", "C"], "importance": imp}
+    _render(F.subspace_importance, tmp_path, summary, RECIPE)
     with pytest.raises(ValueError, match="expert names"):
-        F.subspace_importance(sig, ["A", "B"], tmp_path / "x")
+        F.subspace_importance({**summary, "experts": ["A", "B"]}, RECIPE, tmp_path / "x")
     with pytest.raises(ValueError, match="merged has"):
-        F.subspace_importance(sig, ["A", "B", "C"], tmp_path / "x", merged=np.ones(3))
+        F.subspace_importance({**summary, "importance": {**imp, "merged": [1.0, 1.0, 1.0]}},
+                              RECIPE, tmp_path / "x")

@@ -1,5 +1,6 @@
 """Table builders checked cell by cell against an independent computation on hand-made
-score frames, and the writer's three formats."""
+score frames (methods from the recipe), the validation choice shared with the test stage,
+and the writer's three formats."""
 
 from __future__ import annotations
 
@@ -12,24 +13,27 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from report_utils import make_recipe
+from submerge.recipe import GridPoint, choose_point
 from submerge.report import tables as T
 
 METHODS = {
-    "ta": {"rule": "task_arithmetic"},
-    "ta_sb": {"rule": "task_arithmetic", "boost": {"kind": "sb"}},
-    "ties": {"rule": "ties", "k": 20},
-    "ta_lines": {"rule": "task_arithmetic", "lines": {"beta": 0.5}},
+    "ta": {"merge": "task_arithmetic"},
+    "ta_sb": {"merge": "task_arithmetic", "boost": {}},
+    "ties": {"merge": "ties", "top_k_percent": 20},
+    "ta_lines": {"merge": "task_arithmetic", "lines": {"slope": 0.5}},
     "ta_lines_sb": {
-        "rule": "task_arithmetic",
-        "lines": {"beta": 0.5},
+        "merge": "task_arithmetic",
+        "lines": {"slope": 0.5},
         "boost": {},  # {} = boosted
         "label": "Ours",
     },
-    "tsv": {"rule": "tsv_m"},  # configured, never scored
-    "hosb": {"rule": "hogsvd", "boost": {}},  # boosted, no unboosted base configured
+    "tsv": {"merge": "tsv_m"},  # configured, never scored
+    "hosb": {"merge": "hogsvd", "boost": {}},  # boosted, no unboosted base configured
 }
 # "big" has 3 experts, "small" 2: column order must follow n_experts, not the name.
 GROUP_TASKS = {"big": ["a", "b", "c"], "small": ["a", "b"]}
+RECIPE = make_recipe(METHODS, GROUP_TASKS)
 EXPERT = {"a": 0.9, "b": 0.8, "c": 0.5}
 ZEROSHOT = {"a": 0.3, "b": 0.2, "c": 0.1}
 
@@ -111,8 +115,8 @@ def scores():
 
 
 def test_main_results_cells(scores):
-    table = T.main_results(scores, METHODS)
-    labels = T.method_labels(METHODS)
+    table = T.main_results(scores, RECIPE)
+    labels = T.method_labels(RECIPE.methods)
     assert list(table.index) == ["Zero-shot", "Finetuned"] + [labels[m] for m in METHODS]
     assert labels["ta_lines_sb"] == "Ours" and labels["ta_sb"] == "TA + SB"
     assert [c[0] for c in table.columns[::4]] == ["small", "big"]
@@ -153,7 +157,7 @@ def test_missing_method_group_and_task_are_gaps(scores):
     )
     partial = partial.loc[~drop]
     groups = {"small": ["a", "b"], "big": ["a", "b", "c"], "huge": list("abcdefgh")}
-    table = T.main_results(partial, METHODS, groups=groups)
+    table = T.main_results(partial, make_recipe(METHODS, groups))
     assert [c[0] for c in table.columns[::4]] == ["small", "big", "huge"]
     assert math.isnan(table.loc["TIES", ("big", "Acc")])
     assert not math.isnan(table.loc["TIES", ("small", "Acc")])
@@ -170,36 +174,39 @@ def test_missing_method_group_and_task_are_gaps(scores):
 
 def test_bad_scores_raise(scores):
     with pytest.raises(ValueError, match="fraction"):
-        T.main_results(scores.assign(accuracy=scores["accuracy"] * 100), METHODS)
+        T.main_results(scores.assign(accuracy=scores["accuracy"] * 100), RECIPE)
     with pytest.raises(ValueError, match="lacks column"):
-        T.main_results(scores.drop(columns="expert_accuracy"), METHODS)
+        T.main_results(scores.drop(columns="expert_accuracy"), RECIPE)
     # two test grid points for one (group, method)
     extra = scores.loc[(scores["split"] == "test") & (scores["method"] == "ta")].assign(alpha=0.123)
     with pytest.raises(ValueError, match="several grid points"):
-        T.main_results(pd.concat([scores, extra]), METHODS)
+        T.main_results(pd.concat([scores, extra]), RECIPE)
 
 
 def test_base_method_and_labels():
-    methods = {
-        "ta": {"rule": "task_arithmetic"},
-        "ties": {"rule": "ties", "k": 20},
-        "ties_sb": {"rule": "ties", "k": 20, "boost": {"kind": "sb"}},
-        "ties10_sb": {"rule": "ties", "k": 10, "boost": {"kind": "sb"}},
-        "sb_attn": {"rule": "task_arithmetic", "boost": {"layers": "attn"}},
-        "sb_mlp": {"rule": "task_arithmetic", "boost": {"layers": "mlp"}},
-    }
+    methods = make_recipe({
+        "ta": {"merge": "task_arithmetic", "alpha": [0.1, 0.2]},
+        "ties": {"merge": "ties", "top_k_percent": 20},
+        "ties_sb": {"merge": "ties", "boost": {}},  # the default top_k_percent is 20
+        "ties10_sb": {"merge": "ties", "top_k_percent": 10, "boost": {}},
+        "sb_attn": {"merge": "task_arithmetic", "boost": {"layers": "attn"}, "groups": ["g"]},
+        "sb_mlp": {"merge": "task_arithmetic", "boost": {"layers": "mlp"}},
+        "ta_lines_sb": {"merge": "task_arithmetic", "lines": {}, "boost": {}},
+    }, {"g": ["a", "b"], "h": ["a"]}).methods
     assert T.base_method("ties_sb", methods) == "ties"
-    assert T.base_method("ties10_sb", methods) is None  # different k: not its base
-    assert T.base_method("sb_attn", methods) == "ta"
+    assert T.base_method("ties10_sb", methods) is None  # different top_k_percent: not its base
+    assert T.base_method("sb_attn", methods) == "ta"  # grid and groups do not matter
+    assert T.base_method("ta_lines_sb", methods) is None  # LiNeS does
     assert T.base_method("ta", methods) is None
     labels = T.method_labels(methods)
     assert labels["sb_attn"] == "TA + SB (sb_attn)" and labels["sb_mlp"] == "TA + SB (sb_mlp)"
     assert labels["ties_sb"] == "TIES + SB (ties_sb)"
+    assert labels["ta"] == "TA" and labels["ta_lines_sb"] == "TA + LiNeS + SB"
 
 
 def test_sota_comparison(scores):
-    methods = {**METHODS, "isoc": {"rule": "iso_c"}}
-    table = T.sota_comparison(scores, methods)
+    recipe = make_recipe({**METHODS, "isoc": {"merge": "iso_c"}}, GROUP_TASKS)
+    table = T.sota_comparison(scores, recipe)
     assert list(table.index) == ["Finetuned", "TSV-M", "Iso-C", "Iso-CTS", "Ours"]
     acc, _ = expected_test(scores, "big", "ta_lines_sb")
     assert table.loc["Ours", ("big", "Acc")] == pytest.approx(acc)
@@ -208,7 +215,7 @@ def test_sota_comparison(scores):
 
 
 def test_beta_ablation(scores):
-    table = T.beta_ablation(scores, METHODS)
+    table = T.beta_ablation(scores, RECIPE)
     assert list(table.index) == [
         ("TA + SB", 0.0),
         ("TA + SB", 0.01),
@@ -245,7 +252,7 @@ def test_beta_ablation(scores):
                 else:
                     assert math.isnan(cell)
     # selecting α by absolute accuracy (eval.selection_metric: absolute) reports the max acc
-    by_acc = T.beta_ablation(scores, METHODS, select_by="absolute")
+    by_acc = T.beta_ablation(scores, make_recipe(METHODS, GROUP_TASKS, metric="absolute"))
     val = scores.loc[
         (scores.split == "val")
         & (scores.method == "ta_sb")
@@ -255,16 +262,17 @@ def test_beta_ablation(scores):
     assert by_acc.loc[("TA + SB", 0.01), ("big", "val")] == pytest.approx(
         100 * max(sub.accuracy.mean() for _, sub in val.groupby("alpha"))
     )
-    with pytest.raises(ValueError, match="select_by"):
-        T.beta_ablation(scores, METHODS, select_by="f1")
+    with pytest.raises(ValueError, match="selection_metric"):
+        T.best_on_val(scores, "f1")
 
 
 def test_layer_ablation():
     methods = {
-        "ta": {"rule": "task_arithmetic"},
-        "sb_attn": {"rule": "task_arithmetic", "boost": {"kind": "sb", "layers": "attn"}},
-        "sb_mlp": {"rule": "task_arithmetic", "boost": {"kind": "sb", "layers": "mlp"}},
-        "sb_both": {"rule": "task_arithmetic", "boost": {"kind": "sb"}},
+        "ta": {"merge": "task_arithmetic"},
+        "sb_attn": {"merge": "task_arithmetic", "boost": {"layers": "attn"}, "label": "A"},
+        "sb_mlp": {"merge": "task_arithmetic", "boost": {"layers": "mlp"}},
+        "sb_both": {"merge": "task_arithmetic", "boost": {}},
+        "sb_full": {"merge": "task_arithmetic", "boost": {"attn_mode": "full"}},  # another family
     }
     rows = []
     for m, acc in (("ta", 0.5), ("sb_attn", 0.6), ("sb_mlp", 0.7), ("sb_both", 0.8)):
@@ -285,15 +293,16 @@ def test_layer_ablation():
                         zeroshot_accuracy=0.1,
                     )
                 )
-    table = T.layer_ablation(pd.DataFrame(rows), methods)
+    table = T.layer_ablation(pd.DataFrame(rows), make_recipe(methods, {"g": ["a", "b"]}))
     assert list(table.index) == [("TA + SB", "attn"), ("TA + SB", "mlp"), ("TA + SB", "both")]
     assert table.loc[("TA + SB", "mlp"), ("g", "val")] == pytest.approx(75.0)
     assert table.loc[("TA + SB", "both"), ("g", "test")] == pytest.approx(86.0)
-    assert len(T.layer_ablation(pd.DataFrame(rows), {"ta": methods["ta"]})) == 0
+    only_ta = make_recipe({"ta": methods["ta"]}, {"g": ["a", "b"]})
+    assert len(T.layer_ablation(pd.DataFrame(rows), only_ta)) == 0
 
 
 def test_per_task_accuracy(scores):
-    table = T.per_task_accuracy(scores, METHODS, group="big")
+    table = T.per_task_accuracy(scores, RECIPE, group="big")
     assert list(table.index) == ["a", "b", "c", "Average"]
     for t in ("a", "b", "c"):
         row = scores.loc[
@@ -307,10 +316,10 @@ def test_per_task_accuracy(scores):
         assert table.loc[t, "Zero-shot"] == pytest.approx(100 * ZEROSHOT[t])
     assert table.loc["Average", "TIES"] == pytest.approx(expected_test(scores, "big", "ties")[0])
     assert table["TSV-M"].isna().all()
-    both = T.per_task_accuracy(scores, METHODS)
+    both = T.per_task_accuracy(scores, RECIPE)
     assert list(both.index.get_level_values(0).unique()) == ["small", "big"]
     with pytest.raises(ValueError, match="group 'nope'"):
-        T.per_task_accuracy(scores, METHODS, group="nope")
+        T.per_task_accuracy(scores, RECIPE, group="nope")
 
 
 def test_expert_selection():
@@ -349,33 +358,45 @@ def test_expert_selection():
     assert table.loc["HO-GSVD (1 draw)", ("Pool", "std")] == T.NA
 
 
-def test_timing_table():
+def test_timing_table(tmp_path):
+    from submerge.report.build import timing_frame
+
+    groups = {"g8": [f"e{i}" for i in range(8)], "g4": [f"e{i}" for i in range(4)]}
+    recipe = make_recipe({"ta": METHODS["ta"], "ta_sb": METHODS["ta_sb"]}, groups)
     timing = pd.DataFrame(
         [
-            dict(method="ta", group="g8", n_experts=8, rule="merge", seconds=1.0, max_rss_mb=100.0),
-            dict(method="ta", group="g8", n_experts=8, rule="merge", seconds=3.0, max_rss_mb=120.0),
-            dict(
-                method="ta_sb", group="g8", n_experts=8, rule="merge", seconds=2.0, max_rss_mb=100.0
-            ),
-            dict(
-                method="ta_sb", group="g8", n_experts=8, rule="boost", seconds=5.0, max_rss_mb=300.0
-            ),
-            dict(
-                method="ta_sb", group="g4", n_experts=4, rule="merge", seconds=0.5, max_rss_mb=50.0
-            ),
-            dict(
-                method="other", group="g4", n_experts=4, rule="merge", seconds=9.0, max_rss_mb=9.0
-            ),
+            dict(method="ta", group="g8", n_experts=8, merge="task_arithmetic", seconds=1.0,
+                 max_rss_mb=100.0),
+            dict(method="ta", group="g8", n_experts=8, merge="task_arithmetic", seconds=3.0,
+                 max_rss_mb=120.0),
+            dict(method="ta_sb", group="g8", n_experts=8, merge="task_arithmetic", seconds=7.0,
+                 max_rss_mb=300.0),
+            dict(method="ta_sb", group="g4", n_experts=4, merge="task_arithmetic", seconds=0.5,
+                 max_rss_mb=50.0),
+            dict(method="other", group="g4", n_experts=4, merge="ties", seconds=9.0, max_rss_mb=9.0),
         ]
     )
-    table = T.timing_table(timing, {"ta": METHODS["ta"], "ta_sb": METHODS["ta_sb"]})
+    assert list(timing.columns) == list(T.TIMING_COLUMNS)
+    table = T.timing_table(timing, recipe)
     assert list(table.index) == ["TA", "TA + SB"]
     assert [c[0] for c in table.columns[::2]] == ["g4", "g8"]
     assert table.loc["TA", ("g8", "Time (s)")] == pytest.approx(2.0)  # mean of repeats
     assert table.loc["TA", ("g8", "Max RSS (MB)")] == pytest.approx(110.0)
-    assert table.loc["TA + SB", ("g8", "Time (s)")] == pytest.approx(7.0)  # sum over rules
+    assert table.loc["TA + SB", ("g8", "Time (s)")] == pytest.approx(7.0)
     assert table.loc["TA + SB", ("g8", "Max RSS (MB)")] == pytest.approx(300.0)
     assert math.isnan(table.loc["TA", ("g4", "Time (s)")])
+    # from the merged rule's benchmark files (benchmarks/{suite}/merged/{group}/{method}.tsv)
+    paths = []
+    for g, m, sec in (("g8", "ta", 1.5), ("g4", "ta_sb", 0.25)):
+        path = tmp_path / g / f"{m}.tsv"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("s\th:m:s\tmax_rss\n%s\t0:00:01\t12.5\n" % sec)
+        paths.append(path)
+    frame = timing_frame(paths, recipe)
+    assert list(frame.columns) == list(T.TIMING_COLUMNS)
+    assert frame.set_index(["group", "method"]).loc[("g4", "ta_sb"), "n_experts"] == 4
+    assert set(frame["merge"]) == {"task_arithmetic"}
+    assert T.timing_table(frame, recipe).loc["TA", ("g8", "Time (s)")] == pytest.approx(1.5)
 
 
 def test_format_cell():
@@ -390,7 +411,7 @@ def test_format_cell():
 
 
 def test_write_table_formats(tmp_path, scores):
-    table = T.main_results(scores, METHODS)
+    table = T.main_results(scores, RECIPE)
     paths = T.write_table(table, tmp_path / "main", caption="Main results (%)", label="tab:main")
     assert [p.name for p in paths] == ["main.csv", "main.md", "main.tex"]
     tex = paths[2].read_text()
@@ -418,7 +439,7 @@ def test_write_table_formats(tmp_path, scores):
 
 
 def test_write_table_multiindex_rows_and_decimals(tmp_path, scores):
-    table = T.beta_ablation(scores, METHODS)
+    table = T.beta_ablation(scores, RECIPE)
     paths = T.write_table(table, tmp_path / "beta", decimals={"val": 2, "*": 1})
     md = paths[1].read_text().splitlines()
     assert md[0].startswith("| Method | β | small val")
@@ -426,15 +447,102 @@ def test_write_table_multiindex_rows_and_decimals(tmp_path, scores):
     val_cell = md[2].split(" | ")[2]
     assert len(val_cell.split(".")[1]) == 2
     assert r"$\beta$" in paths[2].read_text()
-    empty = T.write_table(T.layer_ablation(scores, METHODS), tmp_path / "empty")
+    empty = T.write_table(T.layer_ablation(scores, RECIPE), tmp_path / "empty")
     assert r"\bottomrule" in empty[2].read_text()
 
 
 def test_validation_only_scores_give_gaps(scores):
     val_only = scores.loc[scores["split"] == "val"]
     assert T.grid_summary(val_only, "test").empty
-    table = T.main_results(val_only, METHODS)
+    table = T.main_results(val_only, RECIPE)
     assert math.isnan(table.loc["TA", ("big", "Acc")])
     assert math.isnan(table.loc["Finetuned", ("small", "Acc")])
     with pytest.raises(ValueError, match="empty"):
-        T.main_results(scores.iloc[:0], METHODS)
+        T.main_results(scores.iloc[:0], RECIPE)
+
+
+# ------------------------------------------- the tables choose the point the test stage chose
+
+EXPERT_VAL = {"a": 0.912345678, "b": 0.8, "c": 0.7654321}  # more digits than scores.csv keeps
+EXPERT_TEST = {"a": 0.9, "b": 0.85, "c": 0.75}
+
+
+def _tied_grids():
+    """Grid JSON-like dicts (what a grid_point job writes) with ties: exact, and ties that only
+    appear at SCORE_DIGITS (differences below the 6th significant digit)."""
+    near = 1e-9  # lost when scores.csv is written with %.6g; choose_point ignores it too
+
+    def acc(base, bump=0.0):
+        return {"a": base + bump, "b": base - 0.1, "c": base - 0.2}
+
+    grids = {
+        # unboosted: α 0.2 is better by 1e-9 at full precision, a tie at 6 digits → smaller α
+        "ta": {(0.4, None): acc(0.7), (0.2, None): acc(0.8, near), (0.1, None): acc(0.8)},
+        # boosted: (0.5, 0.01) and (1.0, 0.0) tie → smaller α wins over smaller β
+        "ta_sb": {(0.5, 0.0): acc(0.6), (0.5, 0.01): acc(0.9), (1.0, 0.0): acc(0.9),
+                  (1.0, 0.01): acc(0.9, -near)},
+        # boosted: a tie between two β at one α → smaller β
+        "ties_sb": {(0.5, 0.02): acc(0.75), (0.5, 0.0): acc(0.75, near), (1.0, 0.02): acc(0.5)},
+    }
+    return {m: [{"group": "g", "method": m, "alpha": a, "beta": b, "split": "val", "accuracy": acc_}
+                for (a, b), acc_ in points.items()]
+            for m, points in grids.items()}
+
+
+def _scores_csv(grids, chosen, path):
+    rows = []
+    for m, grid in grids.items():
+        points = [(p, "val", p["accuracy"]) for p in grid]
+        a, b = chosen[m]
+        points.append(({"alpha": a, "beta": b}, "test", {t: 0.5 for t in EXPERT_TEST}))
+        for p, split, accuracy in points:
+            for task, value in accuracy.items():
+                ref = EXPERT_VAL if split == "val" else EXPERT_TEST
+                rows.append(dict(suite="s", group="g", n_experts=3, method=m, alpha=p["alpha"],
+                                 beta=math.nan if p["beta"] is None else p["beta"], split=split,
+                                 task=task, accuracy=value, expert_accuracy=ref[task],
+                                 zeroshot_accuracy=0.1))
+    pd.DataFrame(rows).to_csv(path, index=False, float_format="%.6g")
+    return pd.read_csv(path)
+
+
+@pytest.mark.parametrize("metric", ["normalized", "absolute"])
+def test_tables_choose_the_point_the_test_stage_chose(tmp_path, metric):
+    grids = _tied_grids()
+    chosen = {}
+    for m, grid in grids.items():  # as the test stage does, from the grid files
+        point, _ = choose_point([(GridPoint(p["alpha"], p["beta"]), p["accuracy"]) for p in grid],
+                                dict(EXPERT_VAL), metric)
+        chosen[m] = (point.alpha, point.beta)
+    assert chosen == {"ta": (0.1, None), "ta_sb": (0.5, 0.01), "ties_sb": (0.5, 0.0)}
+    scores = _scores_csv(grids, chosen, tmp_path / "scores.csv")
+    best = T.best_on_val(scores, metric)
+    got = {r.method: (r.alpha, None if math.isnan(r.beta) else r.beta) for r in best.itertuples()}
+    assert got == chosen
+    # per β (the β ablation's val column): the same function restricted to that β's points
+    per_beta = T.best_on_val(scores, metric, by=("group", "method", "beta"))
+    for m, grid in grids.items():
+        for beta in {p["beta"] for p in grid}:
+            point, _ = choose_point([(GridPoint(p["alpha"], p["beta"]), p["accuracy"])
+                                     for p in grid if p["beta"] == beta], dict(EXPERT_VAL), metric)
+            row = per_beta.loc[(per_beta["method"] == m)
+                               & (per_beta["beta"].isna() if beta is None else per_beta["beta"] == beta)]
+            assert len(row) == 1 and row["alpha"].iloc[0] == point.alpha
+    # the tables read the same point: β ablation's test cell sits at the chosen β
+    recipe = make_recipe({"ta": {"merge": "task_arithmetic"},
+                          "ta_sb": {"merge": "task_arithmetic", "boost": {}},
+                          "ties_sb": {"merge": "ties", "boost": {}}},
+                         {"g": ["a", "b", "c"]}, metric=metric)
+    table = T.beta_ablation(scores, recipe)
+    assert not math.isnan(table.loc[("TA + SB", 0.01), ("g", "test")])
+    assert math.isnan(table.loc[("TA + SB", 0.0), ("g", "test")])
+
+
+def test_best_on_val_skips_incomplete_points(scores):
+    short = scores.loc[~((scores.split == "val") & (scores.method == "ta") & (scores.group == "big")
+                         & (scores.alpha == 1.0) & (scores.task == "c"))]
+    best = T.best_on_val(short, "normalized")
+    row = best.loc[(best.group == "big") & (best.method == "ta")]
+    assert row["alpha"].tolist() == [0.5]  # the only point scored on every task
+    with pytest.raises(ValueError, match="'group' and 'method'"):
+        T.best_on_val(scores, "normalized", by=("group",))

@@ -83,6 +83,8 @@ def test_adding_an_expert_reruns_only_what_depends_on_it(tiny_run):
         ("test_point", f"{r}/test/g3/ta.json"),
         ("test_point", f"{r}/test/g3/ta_sb.json"),
         ("scores", f"{r}/scores.csv"),
+        # g3 is the largest group: its HO-GSVD summary feeds the alignment figures
+        ("hogsvd_summary", f"{r}/summaries/hogsvd_summary.json"),
     } | _grid("g3", "ta", ["0.5", "1"], ["none"]) | _grid("g3", "ta_sb", ["0.5", "1"], ["0"])
     assert jobs == expected | REPORT_JOBS
 

@@ -1,10 +1,17 @@
-"""Accuracy of one (merged) encoder on a list of evaluation tasks."""
+"""Accuracy of one (merged) encoder on a list of evaluation tasks.
+
+:func:`load_eval_task` builds an expert's task from the suite config; it lives here, above
+both :mod:`submerge.data` (vision and text tasks, heads) and :mod:`submerge.suites` (the
+embedded digits suite, which imports :mod:`submerge.data.heads`), so that neither package
+imports the other in a cycle.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +37,42 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {spec!r} requested but CUDA is not available")
     return device
+
+
+def load_eval_task(suite_cfg: Mapping, expert: str, *, root: str | Path):
+    """The evaluation task (:class:`submerge.data.EvalTask`) of ``expert`` in ``suite_cfg``
+    (``suite_cfg["experts"][expert]``):
+
+    * ``{"build": "digits", "task": ...}``  → :class:`submerge.suites.digits.DigitsTask`
+    * ``{"dataset": {...}}``                 → :class:`submerge.data.vision.VisionTask`
+    * ``{"dataset": {..., "kind": "text"}}`` → :class:`submerge.data.language.LanguageTask`
+
+    ``root`` is the suite's results folder; heads are read from ``root/heads``.
+    """
+    experts = suite_cfg.get("experts")
+    if not isinstance(experts, Mapping) or expert not in experts:
+        raise ConfigError(f"experts.{expert}: not in the suite config")
+    entry = experts[expert]
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"experts.{expert}: expected a mapping, got {type(entry).__name__}")
+    if entry.get("build") == "digits":
+        from submerge.suites import digits
+
+        task = entry.get("task", expert)
+        if task not in digits.TASKS:
+            raise ConfigError(f"experts.{expert}.task: unknown digits task {task!r} "
+                              f"(known: {', '.join(digits.TASKS)})")
+        return digits.TASKS[task].bind(suite_cfg.get("digits"), root, name=expert)
+    dataset = entry.get("dataset")
+    if isinstance(dataset, Mapping):
+        if dataset.get("kind", "image") == "text":
+            from submerge.data.language import LanguageTask
+
+            return LanguageTask(suite_cfg, expert, root=Path(root))
+        from submerge.data.vision import VisionTask
+
+        return VisionTask(suite_cfg, expert, root=Path(root))
+    raise ConfigError(f"experts.{expert}: no evaluation data (need build: digits or a dataset)")
 
 
 def evaluate(adapter, module: torch.nn.Module, tasks: Sequence, split: str, *, device="cpu",

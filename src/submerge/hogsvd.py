@@ -19,7 +19,10 @@ although theory says they are real. We never form ``S_pi``: with the Cholesky fa
 positive definite and similar to ``P Q``, so a *symmetric* eigensolver gives real
 eigenpairs ``L^T Q L = W diag(mu) W^T``, and ``V = L W`` (columns normalised to unit norm)
 are eigenvectors of ``S_pi`` with eigenvalues ``(mu - N) / (N (N-1))`` (all >= 1).
-``V^-T = L^-T W diag(||L w_k||)`` is again a triangular solve.
+``U_i`` and ``sigma_i`` are then computed from ``V`` and the matrices alone
+(``B_i = A_i V^-T`` by one LU factorisation of ``V``), so that a stored ``V`` (the HO-GSVD
+cache, :mod:`submerge.io.hogsvd_cache`) reproduces them bitwise without the eigenproblem
+(``higher_order_factors(..., basis=V)``, ``hogsvd_merge(..., cache=...)``).
 
 Conventions:
 
@@ -54,7 +57,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -64,6 +67,9 @@ from submerge.layers import LayerInfo
 from submerge.merging.task_arithmetic import sum_key
 from submerge.merging.task_vectors import StateDict, check_layer_info, check_task_vectors
 from submerge.merging.tsv import polar_factor
+
+if TYPE_CHECKING:
+    from submerge.io.hogsvd_cache import HOGSVDCache
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ __all__ = [
     "SubspaceSplit",
     "common_unique_split",
     "common_unique_parts",
-    "selection_score",
+    "alignment_objective",
     "select_experts",
     "random_selection",
     "higher_order_factors",
@@ -84,6 +90,10 @@ __all__ = [
 ]
 
 EPS_ALIGN = 1e-12  # Eq. 7
+DEFAULT_PI = 1e-2  # regularisation pi of Eq. 32 (config hogsvd.pi)
+# hogsvd_merge with a cache: the recomputed sum_i sigma_i must match the cached one to this
+# relative (norm-wise) tolerance times sqrt(eps), else the cache is from other task vectors
+_SIGMA_TOL = 100.0
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,7 @@ def _cholesky(mat: Tensor, what: str) -> Tensor:
 def s_matrix(
     matrices: Sequence[Tensor],
     *,
-    pi: float = 1e-2,
+    pi: float = DEFAULT_PI,
     pairwise: bool = False,
     dtype: torch.dtype = torch.float64,
     transpose: bool | None = None,
@@ -253,7 +263,7 @@ def _orthogonal_within_ties(mu: Tensor, w: Tensor, low: Tensor) -> Tensor:
 def hogsvd(
     matrices: Sequence[Tensor],
     *,
-    pi: float = 1e-2,
+    pi: float = DEFAULT_PI,
     dtype: torch.dtype = torch.float64,
     transpose: bool | None = None,
 ) -> HOGSVDResult:
@@ -280,19 +290,31 @@ def hogsvd(
     idx = v.abs().argmax(0)
     signs = torch.sign(v.gather(0, idx[None]))
     signs[signs == 0] = 1
-    w, v = w * signs, v * signs
-    norms = v.norm(dim=0)
-    v = v / norms
-    inv_t = torch.linalg.solve_triangular(low.T, w * norms, upper=True)  # V^-T
+    v = v * signs
+    v = v / v.norm(dim=0)
+    us, sigma = _factors_from_basis(mats, v)
+    eigvals = (mu - n_mat) / (n_mat * (n_mat - 1))
+    return HOGSVDResult(V=v, sigma=sigma, U=us, eigvals=eigvals, transposed=transposed)
+
+
+def _factors_from_basis(mats: list[Tensor], v: Tensor) -> tuple[list[Tensor], Tensor]:
+    """``U_i`` and ``sigma`` (``N x n``) of ``A_i = U_i diag(sigma_i) V^T`` for the shared
+    basis ``v`` and the oriented matrices ``mats`` (same dtype and device): ``B_i = A_i V^-T``
+    (one LU factorisation of ``V``, one solve per matrix), ``sigma_ik = ||B_i[:, k]||``,
+    ``U_i = B_i / sigma_i`` with columns of zero ``sigma_ik`` (to working precision) set to
+    zero. The one place these are computed (:func:`hogsvd` and a cached basis alike)."""
+    n = v.shape[0]
+    lu, pivots, info = torch.linalg.lu_factor_ex(v)
+    if int(info) != 0:
+        raise ValueError("the shared basis V is singular")
     us, sigmas = [], []
     for a in mats:
-        b = a @ inv_t
+        b = torch.linalg.lu_solve(lu, pivots, a.T).T  # V B^T = A^T
         s = b.norm(dim=0)
-        nonzero = s > n * torch.finfo(dtype).eps * s.max()
+        nonzero = s > n * torch.finfo(v.dtype).eps * s.max()
         us.append(torch.where(nonzero, b / torch.where(nonzero, s, 1), 0))
         sigmas.append(s)
-    eigvals = (mu - n_mat) / (n_mat * (n_mat - 1))
-    return HOGSVDResult(V=v, sigma=torch.stack(sigmas), U=us, eigvals=eigvals, transposed=transposed)
+    return us, torch.stack(sigmas)
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -410,10 +432,11 @@ def _score(a: Tensor, pool: list[int], selected: list[int], within_weight: float
     return with_pool + within_weight * within
 
 
-def selection_score(
+def alignment_objective(
     alignment: Tensor, pool: Sequence[int], selected: Sequence[int], *, within_weight: float = 1.0
 ) -> float:
-    """Objective of the expert selection (higher = less interference, Sec. 5.3):
+    """Alignment objective of the expert selection (higher = less interference, Sec. 5.3;
+    not the pipeline's validation score of a merged model):
     ``sum_{c in selected, p in pool} A_cp + within_weight * sum_{c<c' in selected} A_cc'``.
 
     With ``within_weight=1`` this is the total pairwise alignment of the merged set
@@ -430,22 +453,22 @@ def select_experts(
     candidates: Sequence[int],
     k: int,
     *,
-    method: str = "greedy",
+    strategy: str = "greedy",
     within_weight: float = 1.0,
     max_combinations: int = 1_000_000,
 ) -> list[int]:
-    """Choose ``k`` candidates that maximise :func:`selection_score` with the pre-selected
+    """Choose ``k`` candidates that maximise :func:`alignment_objective` with the pre-selected
     ``pool`` (indices into the alignment matrix over pool + candidates).
 
-    ``method="greedy"``: add, one at a time, the candidate with the largest gain
+    ``strategy="greedy"``: add, one at a time, the candidate with the largest gain
     ``sum_p A_cp + within_weight * sum_{s chosen} A_cs`` (ties: smallest index); returned in
     the order chosen. Exact when ``within_weight=0``.
-    ``method="exhaustive"``: the best of all ``C(len(candidates), k)`` subsets (ties: the
+    ``strategy="exhaustive"``: the best of all ``C(len(candidates), k)`` subsets (ties: the
     lexicographically first), sorted; ``ValueError`` if more than ``max_combinations``.
     """
     a = _check_selection(alignment, pool, candidates, k)
     pool, candidates = list(pool), list(candidates)
-    if method == "greedy":
+    if strategy == "greedy":
         chosen: list[int] = []
         gain = {c: float(a[c, pool].sum()) if pool else 0.0 for c in candidates}
         for _ in range(k):
@@ -455,7 +478,7 @@ def select_experts(
             for c in gain:
                 gain[c] += within_weight * float(a[c, best])
         return chosen
-    if method == "exhaustive":
+    if strategy == "exhaustive":
         count = math.comb(len(candidates), k)
         if count > max_combinations:
             raise ValueError(
@@ -467,7 +490,7 @@ def select_experts(
             if score > best_score:
                 best_set, best_score = list(subset), score
         return best_set
-    raise ValueError(f"method must be 'greedy' or 'exhaustive', got {method!r}")
+    raise ValueError(f"strategy must be 'greedy' or 'exhaustive', got {strategy!r}")
 
 
 def random_selection(candidates: Sequence[int], k: int, draws: int, seed: int) -> list[list[int]]:
@@ -486,7 +509,12 @@ def random_selection(candidates: Sequence[int], k: int, draws: int, seed: int) -
 
 @torch.no_grad()
 def higher_order_factors(
-    matrices: Sequence[Tensor], *, pi: float = 1e-2, dtype: torch.dtype = torch.float64
+    matrices: Sequence[Tensor],
+    *,
+    pi: float = DEFAULT_PI,
+    dtype: torch.dtype = torch.float64,
+    basis: Tensor | None = None,
+    transpose: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Orthonormal factors of Algorithm 2 (lines 7-14), as ``(U, S, Vh)`` in the inputs'
     orientation: ``S`` descending, ``U``, ``Vh`` with orthonormal columns / rows.
@@ -500,33 +528,119 @@ def higher_order_factors(
 
     ``U_o diag(S) V_o^T`` is then itself an SVD, so Subspace Boosting applies directly.
     Computed in ``dtype`` (float64 default); returned in that dtype.
+
+    ``basis``: a precomputed shared basis ``V`` (``n x n``, e.g. from the HO-GSVD cache) in
+    the orientation ``transpose`` (as in :func:`hogsvd`; ``None``: its automatic rule). Then
+    no eigenproblem is solved and ``pi`` is not used (``V`` already fixes it): ``U_i``,
+    ``sigma_i`` are computed from ``V`` and the matrices exactly as :func:`hogsvd` computes
+    them, so with ``basis=hogsvd(matrices, pi=pi, transpose=transpose).V`` (float64) the
+    result is bitwise that of the call without ``basis``.
     """
-    res = hogsvd(matrices, pi=pi, dtype=dtype)
-    u_o = polar_factor(torch.stack(res.U).sum(0))
-    v_o = polar_factor(res.V)
-    s, order = res.sigma.sum(0).sort(descending=True)
+    if basis is None:
+        res = hogsvd(matrices, pi=pi, dtype=dtype, transpose=transpose)
+        us, sigma, v, transposed = res.U, res.sigma, res.V, res.transposed
+    else:
+        mats, transposed = _oriented(matrices, transpose, dtype)
+        n = mats[0].shape[1]
+        if not isinstance(basis, Tensor) or tuple(basis.shape) != (n, n):
+            shape = tuple(basis.shape) if isinstance(basis, Tensor) else type(basis).__name__
+            raise ValueError(
+                f"basis must be a {n}x{n} tensor ({'transposed' if transposed else 'input'} orientation), got {shape}"
+            )
+        v = basis.to(device=mats[0].device, dtype=dtype)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("basis contains NaN or Inf values")
+        us, sigma = _factors_from_basis(mats, v)
+    u_o = polar_factor(torch.stack(us).sum(0))
+    v_o = polar_factor(v)
+    s, order = sigma.sum(0).sort(descending=True)
     u_o, v_o = u_o[:, order], v_o[:, order]
-    if res.transposed:  # A^T = U_o S V_o^T  <=>  A = V_o S U_o^T
+    if transposed:  # A^T = U_o S V_o^T  <=>  A = V_o S U_o^T
         u_o, v_o = v_o, u_o
     return u_o, s, v_o.T
 
 
 @torch.no_grad()
 def higher_order_boost(
-    matrices: Sequence[Tensor], *, beta: float | None, pi: float = 1e-2, dtype: torch.dtype = torch.float64
+    matrices: Sequence[Tensor],
+    *,
+    beta: float | None,
+    pi: float = DEFAULT_PI,
+    dtype: torch.dtype = torch.float64,
+    basis: Tensor | None = None,
+    transpose: bool | None = None,
 ) -> Tensor:
     """Higher-Order Subspace Boosting, Algorithm 2 (Supp. G) for one weight matrix:
     ``U_o boost_beta(Sigma_sum) V_o^T`` with the factors of :func:`higher_order_factors`
-    and Algorithm 1's rule (:func:`submerge.boosting.boost_singular_values`).
-    ``beta=None``: no boosting, ``U_o diag(Sigma_sum) V_o^T``. Returned on the inputs'
-    device in the inputs' dtype (computed in ``dtype``).
+    (``basis``, ``transpose``: a precomputed shared basis, see there) and Algorithm 1's rule
+    (:func:`submerge.boosting.boost_singular_values`). ``beta=None``: no boosting,
+    ``U_o diag(Sigma_sum) V_o^T``. Returned on the inputs' device in the inputs' dtype
+    (computed in ``dtype``).
     """
-    u, s, vh = higher_order_factors(matrices, pi=pi, dtype=dtype)
+    u, s, vh = higher_order_factors(matrices, pi=pi, dtype=dtype, basis=basis, transpose=transpose)
     if beta is not None:
         from submerge.boosting import boost_singular_values
 
         s = boost_singular_values(s, beta)
-    return ((u * s) @ vh).to(matrices[0].dtype)
+    return _compose(u, s, vh, matrices[0].dtype)
+
+
+def _compose(u: Tensor, s: Tensor, vh: Tensor, dtype: torch.dtype) -> Tensor:
+    return ((u * s) @ vh).to(dtype)
+
+
+def _cache_bases(
+    cache: HOGSVDCache,
+    task_vectors: Sequence[StateDict],
+    work: list[tuple[str, int]],
+    pi: float | None,
+) -> tuple[float, dict[tuple[str, int], object], str]:
+    """Check ``cache`` against the merge (π, expert count, every (key, row block) of ``work``
+    present with matching shapes and orientation) and index its entries by (key, row block).
+    Returns (π of the cache, index, how to name the cache in messages)."""
+    path = getattr(cache, "path", None)
+    where = f"HO-GSVD cache {path}" if path else "the HO-GSVD cache"
+    redo = "delete it and rerun (rule hogsvd)"
+    attrs = getattr(cache, "attrs", None)
+    if attrs is None:
+        raise TypeError(
+            "cache must be what read_hogsvd_cache(path, with_basis=True) returns, "
+            f"got {type(cache).__name__}"
+        )
+    experts, entries = cache
+    if "pi" not in attrs:
+        raise CheckpointError(f"{where} does not record pi (file attribute 'pi'): {redo}")
+    cache_pi = float(attrs["pi"])
+    if pi is not None and float(pi) != cache_pi:
+        raise CheckpointError(f"{where} was computed with pi={cache_pi!r}, the merge asks for pi={pi!r}: {redo}")
+    n_mat = len(task_vectors)
+    if len(experts) != n_mat:
+        raise CheckpointError(
+            f"{where} holds the HO-GSVD of {len(experts)} experts {list(experts)}, the merge has {n_mat} task vectors"
+        )
+    index = {(e.key, e.row_block): e for e in entries}
+    for key, blocks in work:
+        rows, cols = task_vectors[0][key].shape
+        rows //= blocks
+        transposed, n = rows < cols, min(rows, cols)  # hogsvd's automatic orientation
+        for b in range(blocks):
+            e = index.get((key, b))
+            if e is None:
+                raise CheckpointError(
+                    f"{where} has no entry for key {key!r}, row block {b} (written for other layers "
+                    f"or another model?): {redo}"
+                )
+            if e.V.numel() == 0:
+                raise ValueError(f"{where}: no basis V loaded; read it with read_hogsvd_cache(path, with_basis=True)")
+            got = (tuple(e.V.shape), tuple(e.sigma.shape), bool(e.transposed))
+            want = ((n, n), (n_mat, n), transposed)
+            if got != want:
+                raise CheckpointError(
+                    f"{where}, key {key!r}, row block {b}: V {got[0]}, sigma {got[1]}, transposed={got[2]} "
+                    f"do not fit {n_mat} task vectors of row block shape {(rows, cols)} "
+                    f"(want V {want[0]}, sigma {want[1]}, transposed={want[2]}): {redo}"
+                )
+    return cache_pi, index, where
 
 
 @torch.no_grad()
@@ -534,10 +648,11 @@ def hogsvd_merge(
     task_vectors: Sequence[StateDict],
     layer_info: Mapping[str, LayerInfo],
     *,
-    pi: float = 1e-2,
+    pi: float | None = None,
     layers: str = "both",
     attn_mode: str = "per_qkv",
     dtype: torch.dtype = torch.float64,
+    cache: HOGSVDCache | None = None,
 ) -> StateDict:
     """Merge rule "hogsvd": the unboosted Higher-Order reconstruction (Algorithm 2 without
     line 15) for every 2-D attention/MLP target of
@@ -548,33 +663,72 @@ def hogsvd_merge(
     Since ``U_o``, ``V_o`` are orthonormal, the SVD of the result is ``(U_o, Sigma_sum, V_o)``,
     so the pipeline's ordinary Subspace Boosting step applied afterwards gives exactly
     Algorithm 2 (``higher_order_boost`` with ``beta``).
+
+    ``cache``: the group's HO-GSVD cache as returned by
+    ``submerge.io.hogsvd_cache.read_hogsvd_cache(path, with_basis=True)`` (no file is read here) (experts,
+    entries and the file attribute ``pi``). Each target's shared basis ``V`` (and
+    orientation) is then taken from the cache and no eigenproblem is solved; ``U_i``,
+    ``sigma_i`` are recomputed from ``V`` as :func:`hogsvd` does, so the result is bitwise
+    that of the merge without a cache when the cache was written from ``hogsvd(mats, pi=pi)``
+    (float64, same device). ``CheckpointError`` (naming the file and the key) when the cache
+    lacks ``pi``, was computed with another ``pi``, holds another number of experts, misses
+    a target (key, row block) or has shapes that do not fit, or when its ``sigma`` does not
+    match the recomputed one (a cache of other task vectors). The experts' identity and
+    order are the caller's to check (``cache.experts``).
+
+    ``pi``: regularisation of Eq. 32. ``None`` (default): the cache's π, or
+    ``DEFAULT_PI`` (1e-2) without a cache. Given with a cache, it must equal the cache's.
     """
     from submerge.boosting import boost_targets
 
-    try:
-        _check_pi(pi)
-    except ValueError as err:
-        raise ConfigError(f"merge rule 'hogsvd': hyperparameter {err}") from None
+    if pi is not None:
+        try:
+            _check_pi(pi)
+        except ValueError as err:
+            raise ConfigError(f"merge rule 'hogsvd': hyperparameter {err}") from None
     keys = check_task_vectors(task_vectors)
     if len(task_vectors) < 2:
         raise ValueError(f"hogsvd merge needs at least 2 task vectors, got {len(task_vectors)}")
     check_layer_info(keys, layer_info)
     targets = boost_targets(layer_info, layers=layers, attn_mode=attn_mode)
+    work = [(key, targets[key]) for key in keys if key in targets and task_vectors[0][key].ndim == 2]
+    for key, blocks in work:  # like subspace_boost: only 2-D weights
+        rows = task_vectors[0][key].shape[0]
+        if rows % blocks:
+            raise CheckpointError(f"key {key!r}: {rows} rows cannot be split into {blocks} equal blocks")
+    index = None
+    if cache is not None:
+        pi, index, where = _cache_bases(cache, task_vectors, work, pi)
+    elif pi is None:
+        pi = DEFAULT_PI
+    blocks_of = dict(work)
     merged: StateDict = {}
     for key in keys:
         first = task_vectors[0][key]
-        if key not in targets or first.ndim != 2:  # like subspace_boost: only 2-D weights
+        if key not in blocks_of:
             merged[key] = sum_key(task_vectors, key).to(first.dtype)
             continue
-        blocks = targets[key]
-        if first.shape[0] % blocks:
-            raise CheckpointError(f"key {key!r}: {first.shape[0]} rows cannot be split into {blocks} equal blocks")
+        blocks = blocks_of[key]
         parts = []
         for b in range(blocks):
             chunk = [tv[key].chunk(blocks, dim=0)[b] for tv in task_vectors]
+            entry = None if index is None else index[key, b]
             try:
-                parts.append(higher_order_boost(chunk, beta=None, pi=pi, dtype=dtype))
+                if entry is None:
+                    u, s, vh = higher_order_factors(chunk, pi=pi, dtype=dtype)
+                else:
+                    u, s, vh = higher_order_factors(chunk, dtype=dtype, basis=entry.V, transpose=entry.transposed)
             except ValueError as err:
                 raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
+            if entry is not None:
+                want = entry.sigma.to(s.device, torch.float64).sum(0).sort(descending=True).values
+                diff = float((s.to(torch.float64) - want).norm())
+                if not diff <= _SIGMA_TOL * math.sqrt(torch.finfo(dtype).eps) * float(want.norm()):
+                    raise CheckpointError(
+                        f"{where}, key {key!r}, row block {b}: the cached sigma does not match the task vectors "
+                        f"(relative difference {diff / float(want.norm()):.3g}; a cache of other task vectors?): "
+                        "delete it and rerun (rule hogsvd)"
+                    )
+            parts.append(_compose(u, s, vh, first.dtype))
         merged[key] = torch.cat(parts, dim=0)
     return merged

@@ -12,7 +12,7 @@ rule base_model:
     conda:
         "../../envs/torch.yaml"
     params:
-        suite=suite_view(),
+        suite=suite_params(),
     script:
         "../../scripts/base_model.py"
 
@@ -30,6 +30,6 @@ rule expert_model:
     conda:
         "../../envs/torch.yaml"
     params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
+        suite=expert_suite_params,
     script:
         "../../scripts/expert_model.py"

@@ -1,128 +1,59 @@
-# Config validation, path helpers and input functions shared by all rule files.
-import itertools
+# The config, parsed once into the typed recipe (src/submerge/recipe.py), and the path helpers
+# and input functions of the rule files. Job params are the recipe objects' to_params(), i.e.
+# exactly what determines a job's result.
+import sys
+from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
+sys.path.insert(
+    0, str(Path(workflow.basedir) / "src")
+)  # the library, without installing it
 
+from submerge import merges
+from submerge.errors import ConfigError
+from submerge.recipe import NO_BETA, VALUE_PATTERN, parse_config
 
-def _check_config(cfg):
-    """Semantic checks the JSON schema cannot express; each error names the field at fault."""
-    experts = cfg["experts"]
-    for name, spec in experts.items():
-        if ("build" in spec) == ("source" in spec):
-            raise ValueError(
-                f"config field experts.{name}: give exactly one of 'build' or 'source'"
-            )
-        if spec.get("build") == "digits" and "task" not in spec:
-            raise ValueError(
-                f"config field experts.{name}: a digits expert needs 'task'"
-            )
-    for group, members in cfg["groups"].items():
-        for i, member in enumerate(members):
-            if member not in experts:
-                raise ValueError(
-                    f"config field groups.{group}[{i}]: unknown expert {member!r} "
-                    f"(known: {', '.join(sorted(experts))})"
-                )
-    for name, method in cfg["methods"].items():
-        for i, group in enumerate(method.get("groups", [])):
-            if group not in cfg["groups"]:
-                raise ValueError(
-                    f"config field methods.{name}.groups[{i}]: unknown group {group!r}"
-                )
-    sel = cfg.get("experiments", {}).get("selection")
-    if sel:
-        where = "config field experiments.selection"
-        if sel["universe"] not in cfg["groups"]:
-            raise ValueError(f"{where}.universe: unknown group {sel['universe']!r}")
-        if sel["method"] not in cfg["methods"]:
-            raise ValueError(f"{where}.method: unknown method {sel['method']!r}")
-        universe = cfg["groups"][sel["universe"]]
-        for field in ("pool", "ext"):
-            for e in sel.get(field, []):
-                if e not in universe:
-                    raise ValueError(
-                        f"{where}.{field}: {e!r} is not in group {sel['universe']!r}"
-                    )
-        n_cand = len(universe) - len(sel["pool"]) - len(sel.get("ext", []))
-        if sel["k"] > n_cand:
-            raise ValueError(f"{where}.k: {sel['k']} > number of candidates ({n_cand})")
+validate(config, schema="../schemas/config.schema.yaml", set_default=False)
+try:
+    RECIPE = parse_config(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
-
-_check_config(config)
-
-SUITE = config["suite"]
+SUITE = RECIPE.suite.name
 R = f"results/{SUITE}"
-EXPERTS = list(config["experts"])
-GROUPS = config["groups"]
-METHODS = config["methods"]
-GPU = 1 if config.get("gpu", True) else 0
+EXPERTS = RECIPE.experts
+GROUPS = RECIPE.groups
+METHODS = RECIPE.methods
+PAIRS = RECIPE.pairs()  # every (group, method) that is merged and evaluated
+GPU = 1 if RECIPE.gpu else 0
 
 
 wildcard_constraints:
     expert="|".join(EXPERTS),
     group="|".join(GROUPS),
     method="|".join(METHODS),
-    alpha=r"[0-9]+(\.[0-9]+)?",
-    beta=r"none|[0-9]+(\.[0-9]+)?",
-
-
-def fmt(x):
-    """Grid values in paths: 0.1 -> '0.1', 1.0 -> '1', never '1e-01'."""
-    return f"{float(x):.6f}".rstrip("0").rstrip(".")
-
-
-def is_boosted(method):
-    return "boost" in METHODS[method]
-
-
-def method_alphas(method):
-    return [fmt(a) for a in METHODS[method].get("alpha", config["grid"]["alpha"])]
-
-
-def method_betas(method):
-    if not is_boosted(method):
-        return ["none"]
-    return [fmt(b) for b in METHODS[method].get("beta", config["grid"]["beta"])]
-
-
-def grid_files(group, method):
-    return [
-        f"{R}/grid/{group}/{method}/a{a}_b{b}.json"
-        for a, b in itertools.product(method_alphas(method), method_betas(method))
-    ]
-
-
-def method_params(method):
-    """A method's hyperparameters as job params, without its grid lists, groups and label:
-    adding a grid point or a group must not make the method's existing jobs stale."""
-    return {
-        k: v
-        for k, v in METHODS[method].items()
-        if k not in ("alpha", "beta", "groups", "label")
-    }
-
-
-def needs_lambdas(method):
-    return METHODS[method]["rule"] == "consensus"
-
-
-def method_groups(method):
-    """The groups a method runs on: its `groups` list, else every group."""
-    return METHODS[method].get("groups", list(GROUPS))
-
-
-# every (group, method) pair that is merged and evaluated
-PAIRS = [(g, m) for g in GROUPS for m in METHODS if g in method_groups(m)]
+    point=f"a{VALUE_PATTERN}_b(?:{VALUE_PATTERN}|{NO_BETA})",
 
 
 def members(group):
-    return list(GROUPS[group])
+    return RECIPE.members(group)
 
 
 def model_file(name):
     return f"{R}/models/{name}.safetensors"
+
+
+def grid_files(group, method):
+    return [f"{R}/grid/{group}/{method}/{p.name}.json" for p in METHODS[method].grid()]
+
+
+def selection():
+    return RECIPE.selection
+
+
+# ---------------------------------------------------------------- input functions (wildcards)
 
 
 def taskvector_files(wildcards):
@@ -137,87 +68,19 @@ def reference_files(wildcards):
     return [f"{R}/reference/{e}.json" for e in members(wildcards.group)]
 
 
-def selection():
-    return config.get("experiments", {}).get("selection")
-
-
-def all_targets():
-    targets = [f"{R}/scores.csv"]
-    targets += [f"{R}/spectra/{e}.h5" for e in EXPERTS]
-    targets += [f"{R}/hogsvd/{g}.h5" for g in GROUPS]
-    if selection():
-        targets.append(f"{R}/selection/selection.csv")
-    targets += report_targets()
-    return targets
-
-
-SUITE_KEYS = (
-    "suite",
-    "adapter",
-    "arch",
-    "digits",
-    "tokenizer",
-    "base",
-    "zeroshot_model",
-    "seed",
-)
-
-
-def suite_view(experts=()):
-    """The part of the config a job depends on: the suite-wide keys plus the named experts.
-    Passing the whole config as params would make every job stale when any expert is added.
-    """
-    view = {k: config[k] for k in SUITE_KEYS if k in config}
-    view["experts"] = {e: config["experts"][e] for e in experts}
-    return view
-
-
-def eval_params():
-    return {"device": config.get("device", "auto"), **config.get("eval", {})}
+def method_grid_files(wildcards):
+    return grid_files(wildcards.group, wildcards.method)
 
 
 def merged_inputs(wildcards):
-    inputs = {"taskvectors": taskvector_files(wildcards)}
-    if needs_lambdas(wildcards.method):
-        inputs["lambdas"] = f"{R}/merged/{wildcards.group}/tall_lambdas.json"
-    return inputs
-
-
-def score_inputs(wildcards):
-    return {
-        "grid": [f for g, m in PAIRS for f in grid_files(g, m)],
-        "test": test_files(wildcards),
-        "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
+    """The group's task vectors and the extra inputs the method's merge function needs."""
+    extra = {
+        merges.TALL_LAMBDAS: f"{R}/merged/{wildcards.group}/tall_lambdas.json",
+        merges.HOGSVD_CACHE: f"{R}/hogsvd/{wildcards.group}.h5",
     }
-
-
-def selection_universe():
-    return members(selection()["universe"])
-
-
-def largest_group():
-    return max(GROUPS, key=lambda g: len(GROUPS[g]))
-
-
-def report_targets():
-    return [f"{R}/tables/{t}.csv" for t in TABLE_NAMES] + [
-        f"{R}/figures/{f}.png" for f in FIGURE_NAMES
-    ]
-
-
-def report_config():
-    """The config keys that shape the report (recorded in every sidecar)."""
-    keys = (
-        "suite",
-        "adapter",
-        "groups",
-        "methods",
-        "grid",
-        "eval",
-        "experiments",
-        "hogsvd",
-    )
-    return {k: config[k] for k in keys if k in config}
+    inputs = {"taskvectors": taskvector_files(wildcards)}
+    inputs.update({name: extra[name] for name in METHODS[wildcards.method].needs})
+    return inputs
 
 
 def merged_files(wildcards):
@@ -232,22 +95,87 @@ def merge_benchmarks(wildcards):
     return [f"benchmarks/{SUITE}/merged/{g}/{m}.tsv" for g, m in PAIRS]
 
 
-TABLE_NAMES = [
-    "main_results",
-    "sota_comparison",
-    "beta_ablation",
-    "layer_ablation",
-    "per_task_accuracy",
-    "expert_selection",
-    "merging_time",
-]
+# --------------------------------------------------------------------- params (wildcards)
 
 
-FIGURE_NAMES = [
-    "rank_collapse",
-    "spectra",
-    "accuracy_vs_experts",
-    "alpha_beta_heatmap",
-    "alignment_matrix",
-    "subspace_importance",
-]
+def suite_params(*experts):
+    """The suite's config restricted to ``experts``: adding an expert must not make the other
+    experts' jobs stale."""
+    return RECIPE.suite_view(experts)
+
+
+def expert_suite_params(wildcards):
+    return suite_params(wildcards.expert)
+
+
+def group_suite_params(wildcards):
+    return suite_params(*members(wildcards.group))
+
+
+def group_members(wildcards):
+    return members(wildcards.group)
+
+
+def method_params(wildcards):
+    return METHODS[wildcards.method].to_params()
+
+
+def eval_params():
+    return RECIPE.eval.to_params()
+
+
+# ------------------------------------------------------- evaluate.smk (scores, selection)
+
+
+def score_inputs(wildcards):
+    return {
+        "grid": [f for g, m in PAIRS for f in grid_files(g, m)],
+        "test": test_files(wildcards),
+        "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
+    }
+
+
+def selection_universe():
+    return members(selection().universe)
+
+
+def selection_inputs(wildcards):
+    universe = selection_universe()
+    return {
+        "hogsvd": f"{R}/hogsvd/{selection().universe}.h5",
+        "taskvectors": [f"{R}/taskvectors/{e}.h5" for e in universe],
+        "references": [f"{R}/reference/{e}.json" for e in universe],
+        "base": model_file("base"),
+        "heads": [f"{R}/heads/{e}.safetensors" for e in universe],
+    }
+
+
+def selection_suite_params(wildcards):
+    return suite_params(*selection_universe())
+
+
+def selection_universe_params(wildcards):
+    return selection_universe()
+
+
+def selection_experiment_params(wildcards):
+    return selection().to_params()
+
+
+def selection_method_params(wildcards):
+    return METHODS[selection().method].to_params()
+
+
+def selection_grid_params(wildcards):
+    method = METHODS[selection().method]
+    return {"alphas": list(method.alphas), "betas": list(method.betas)}
+
+
+def all_targets():
+    targets = [f"{R}/scores.csv"]
+    targets += [f"{R}/spectra/{e}.h5" for e in EXPERTS]
+    targets += [f"{R}/hogsvd/{g}.h5" for g in GROUPS]
+    if selection():
+        targets.append(f"{R}/selection/selection.csv")
+    targets += report_targets()
+    return targets

@@ -19,7 +19,7 @@ rule reference:
     resources:
         gpu=GPU,
     params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
+        suite=expert_suite_params,
         eval=eval_params(),
     script:
         "../../scripts/reference.py"
@@ -27,7 +27,7 @@ rule reference:
 
 rule test_point:
     input:
-        grid=lambda wc: grid_files(wc.group, wc.method),
+        grid=method_grid_files,
         references=reference_files,
         base=model_file("base"),
         merged=f"{R}/merged/{{group}}/{{method}}.h5",
@@ -43,11 +43,10 @@ rule test_point:
     resources:
         gpu=GPU,
     params:
-        experts=lambda wc: members(wc.group),
-        method=lambda wc: method_params(wc.method),
-        suite=lambda wc: suite_view(experts=members(wc.group)),
+        experts=group_members,
+        method=method_params,
+        suite=group_suite_params,
         eval=eval_params(),
-        selection_metric=config.get("eval", {}).get("selection_metric", "normalized"),
     script:
         "../../scripts/test_point.py"
 
@@ -65,19 +64,14 @@ rule scores:
         "../../envs/report.yaml"
     params:
         suite=SUITE,
-        groups=GROUPS,
-        methods=METHODS,
+        groups={g: list(m) for g, m in GROUPS.items()},
     script:
         "../../scripts/scores.py"
 
 
 rule selection:
     input:
-        hogsvd=lambda wc: f"{R}/hogsvd/{selection()['universe']}.h5",
-        taskvectors=lambda wc: [f"{R}/taskvectors/{e}.h5" for e in selection_universe()],
-        references=lambda wc: [f"{R}/reference/{e}.json" for e in selection_universe()],
-        base=model_file("base"),
-        heads=lambda wc: [f"{R}/heads/{e}.safetensors" for e in selection_universe()],
+        unpack(selection_inputs),
     output:
         f"{R}/selection/selection.csv",
     log:
@@ -89,16 +83,11 @@ rule selection:
     resources:
         gpu=GPU,
     params:
-        suite=lambda wc: suite_view(experts=selection_universe()),
-        universe=lambda wc: selection_universe(),
-        selection=lambda wc: selection(),
-        method_name=lambda wc: selection()["method"],
-        method=lambda wc: method_params(selection()["method"]),
-        alphas=lambda wc: [float(a) for a in method_alphas(selection()["method"])],
-        betas=lambda wc: [
-            None if b == "none" else float(b)
-            for b in method_betas(selection()["method"])
-        ],
+        suite=selection_suite_params,
+        universe=selection_universe_params,
+        experiment=selection_experiment_params,
+        method=selection_method_params,
+        grid=selection_grid_params,
         eval=eval_params(),
     script:
         "../../scripts/selection.py"

@@ -19,9 +19,9 @@ rule consensus_lambdas:
     resources:
         gpu=GPU,
     params:
-        experts=lambda wc: members(wc.group),
-        suite=lambda wc: suite_view(experts=members(wc.group)),
-        lambdas=config.get("consensus_lambdas", [0.2, 0.3, 0.4, 0.5, 0.6]),
+        experts=group_members,
+        suite=group_suite_params,
+        lambdas=list(RECIPE.consensus_lambdas),
         eval=eval_params(),
     script:
         "../../scripts/consensus_lambdas.py"
@@ -41,10 +41,9 @@ rule merged:
     resources:
         gpu=GPU,
     params:
-        experts=lambda wc: members(wc.group),
-        method=lambda wc: method_params(wc.method),
-        suite=suite_view(),
-        device=config.get("device", "auto"),
+        experts=group_members,
+        method=method_params,
+        device=RECIPE.eval.device,
     script:
         "../../scripts/merged.py"
 
@@ -55,11 +54,11 @@ rule grid_point:
         merged=f"{R}/merged/{{group}}/{{method}}.h5",
         heads=head_files,
     output:
-        f"{R}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.json",
+        f"{R}/grid/{{group}}/{{method}}/{{point}}.json",
     log:
-        f"logs/{SUITE}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.log",
+        f"logs/{SUITE}/grid/{{group}}/{{method}}/{{point}}.log",
     benchmark:
-        f"benchmarks/{SUITE}/grid/{{group}}/{{method}}/a{{alpha}}_b{{beta}}.tsv"
+        f"benchmarks/{SUITE}/grid/{{group}}/{{method}}/{{point}}.tsv"
     group:
         "grid"
     conda:
@@ -67,10 +66,10 @@ rule grid_point:
     resources:
         gpu=GPU,
     params:
-        experts=lambda wc: members(wc.group),
-        method=lambda wc: method_params(wc.method),
-        suite=lambda wc: suite_view(experts=members(wc.group)),
+        experts=group_members,
+        method=method_params,
+        suite=group_suite_params,
         eval=eval_params(),
-        save_merged=config.get("save_merged", False),
+        save_merged=RECIPE.save_merged,
     script:
         "../../scripts/grid_point.py"

@@ -1,6 +1,26 @@
-# Stage 6: summaries of the spectra caches, every table (CSV + Markdown + LaTeX) and figure
-# (PDF + PNG) of the report, each with a JSON provenance sidecar; `snakemake --report` collects
-# them into one HTML file with the captions of workflow/report/.
+# Stage 6: summaries of the spectra and HO-GSVD caches (torch), then every table (CSV + Markdown
+# + LaTeX) and figure (PDF + PNG) of the report with a JSON provenance sidecar each (no torch);
+# `snakemake --report` collects them into one HTML file with the captions of workflow/report/.
+# The tables and figures, their inputs and files are those of submerge.report.registry (the
+# one list; the rules, the jobs and the captions all read it). Every input here is known when
+# the DAG is built: plain lists, no input functions.
+import functools
+
+from submerge.report import registry as REPORT
+
+SUMMARIES = f"{R}/summaries"
+HOGSVD_GROUP = RECIPE.largest_group()
+# the files of each report input (submerge.report.registry.INPUTS); [] where the config has none
+REPORT_INPUTS = {
+    "scores": [f"{R}/scores.csv"],
+    "selection": [f"{R}/selection/selection.csv"] if selection() else [],
+    "benchmarks": merge_benchmarks(None),
+    "spectra_summary": [f"{SUMMARIES}/spectra_summary.csv"],
+    "singular_values": [f"{SUMMARIES}/singular_values.csv"],
+    "hogsvd_summary": [f"{SUMMARIES}/hogsvd_summary.json"],
+}
+# every table and figure file (all_targets() in common.smk)
+report_targets = functools.partial(REPORT.target_files, R)
 
 
 rule spectra_summary:
@@ -8,36 +28,46 @@ rule spectra_summary:
         merged=merged_files,
         test=test_files,
     output:
-        summary=f"{R}/summaries/spectra_summary.csv",
-        sigma=f"{R}/summaries/singular_values.csv",
+        summary=f"{SUMMARIES}/spectra_summary.csv",
+        sigma=f"{SUMMARIES}/singular_values.csv",
     log:
         f"logs/{SUITE}/spectra_summary.log",
     benchmark:
         f"benchmarks/{SUITE}/spectra_summary.tsv"
     conda:
-        "../../envs/report.yaml"
+        "../../envs/torch.yaml"
     params:
-        groups=GROUPS,
-        methods=METHODS,
+        n_experts={g: len(members) for g, members in RECIPE.groups.items()},
+        methods={name: m.to_params() for name, m in RECIPE.methods.items()},
     script:
         "../../scripts/spectra_summary.py"
 
 
+rule hogsvd_summary:
+    input:
+        hogsvd=f"{R}/hogsvd/{HOGSVD_GROUP}.h5",
+        taskvectors=[f"{R}/taskvectors/{e}.h5" for e in RECIPE.members(HOGSVD_GROUP)],
+    output:
+        f"{SUMMARIES}/hogsvd_summary.json",
+    log:
+        f"logs/{SUITE}/hogsvd_summary.log",
+    benchmark:
+        f"benchmarks/{SUITE}/hogsvd_summary.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        group=HOGSVD_GROUP,
+    script:
+        "../../scripts/hogsvd_summary.py"
+
+
+# tables and figures get the whole config as params: the jobs parse it with parse_config, any
+# change of it (a label included) reruns them, and every sidecar records it
 rule tables:
     input:
-        scores=f"{R}/scores.csv",
-        selection=lambda wc: ([f"{R}/selection/selection.csv"] if selection() else []),
-        benchmarks=merge_benchmarks,
+        **REPORT.rule_inputs(REPORT.TABLES, REPORT_INPUTS),
     output:
-        [
-            report(
-                f"{R}/tables/{t}.csv",
-                caption=f"../report/{t}.rst",
-                category="Tables",
-                labels={"table": t},
-            )
-            for t in TABLE_NAMES
-        ],
+        REPORT.rule_outputs(REPORT.TABLES, f"{R}/{REPORT.TABLES_DIR}", report),
     log:
         f"logs/{SUITE}/tables.log",
     benchmark:
@@ -45,33 +75,16 @@ rule tables:
     conda:
         "../../envs/report.yaml"
     params:
-        groups=GROUPS,
-        methods=METHODS,
-        config=report_config(),
-        selection_metric=config.get("eval", {}).get("selection_metric", "normalized"),
+        config=config,
     script:
         "../../scripts/tables.py"
 
 
 rule figures:
     input:
-        scores=f"{R}/scores.csv",
-        summary=f"{R}/summaries/spectra_summary.csv",
-        sigma=f"{R}/summaries/singular_values.csv",
-        hogsvd=lambda wc: f"{R}/hogsvd/{largest_group()}.h5",
-        taskvectors=lambda wc: [
-            f"{R}/taskvectors/{e}.h5" for e in members(largest_group())
-        ],
+        **REPORT.rule_inputs(REPORT.FIGURES, REPORT_INPUTS),
     output:
-        [
-            report(
-                f"{R}/figures/{f}.png",
-                caption=f"../report/{f}.rst",
-                category="Figures",
-                labels={"figure": f},
-            )
-            for f in FIGURE_NAMES
-        ],
+        REPORT.rule_outputs(REPORT.FIGURES, f"{R}/{REPORT.FIGURES_DIR}", report),
     log:
         f"logs/{SUITE}/figures.log",
     benchmark:
@@ -79,8 +92,6 @@ rule figures:
     conda:
         "../../envs/report.yaml"
     params:
-        groups=GROUPS,
-        methods=METHODS,
-        config=report_config(),
+        config=config,
     script:
         "../../scripts/figures.py"

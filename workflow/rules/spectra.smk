@@ -13,8 +13,6 @@ rule expert_spectrum:
         f"benchmarks/{SUITE}/expert_spectrum/{{expert}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
     script:
         "../../scripts/expert_spectrum.py"
 
@@ -33,8 +31,9 @@ rule hogsvd:
     resources:
         gpu=GPU,
     params:
-        experts=lambda wc: members(wc.group),
-        hogsvd=config.get("hogsvd", {}),
-        device=config.get("device", "auto"),
+        experts=group_members,
+        pi=RECIPE.hogsvd.pi,
+        layers=RECIPE.hogsvd.layers,
+        device=RECIPE.eval.device,
     script:
         "../../scripts/hogsvd.py"

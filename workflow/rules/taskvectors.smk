@@ -14,6 +14,6 @@ rule task_vector:
     conda:
         "../../envs/torch.yaml"
     params:
-        suite=lambda wc: suite_view(experts=[wc.expert]),
+        suite=expert_suite_params,
     script:
         "../../scripts/task_vector.py"

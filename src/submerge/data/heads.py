@@ -17,12 +17,17 @@ Two sources:
 * :func:`head_from_module` takes a head shipped with the checkpoints (tall_masks /
   task_vectors ``ClassificationHead``: a ``torch.nn.Linear`` with a ``normalize`` flag, or
   its state dict); its logit scale is already folded into the weights, so it gets 1.0.
+
+Head files: :func:`head_path` (where), :func:`save_head` (write), :func:`load_head` (read,
+checked) and :func:`head_logits` (apply) are the only code that touches them; the
+evaluation tasks (:mod:`submerge.data.vision`, :mod:`submerge.suites.digits`) use these.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -171,6 +176,74 @@ def save_head(path: str | Path, weight: torch.Tensor, bias: torch.Tensor | None,
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n")
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
+
+
+def head_path(root: str | Path, expert: str) -> Path:
+    """Where the head of ``expert`` lives under a suite's results root."""
+    return Path(root) / "heads" / f"{expert}.safetensors"
+
+
+def load_head(root: str | Path, expert: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The head of ``expert``: (weight (C, d) float32, bias (C,) float32 or None, meta).
+
+    ``meta`` has ``normalize`` (bool), ``logit_scale`` (float) and ``classes`` (list or
+    None) from the JSON sidecar. Raises :class:`CheckpointError` naming the file when the
+    head or its sidecar is missing or malformed.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = head_path(root, expert)
+    sidecar = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"head of expert {expert!r} not found: {path}")
+    if not sidecar.is_file():
+        raise CheckpointError(f"head sidecar of expert {expert!r} not found: {sidecar}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read head of expert {expert!r}: {err}") from err
+    try:
+        raw = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{sidecar}: cannot read head sidecar: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{sidecar}: expected a JSON object")
+
+    weight, bias = tensors.get("weight"), tensors.get("bias")
+    extra = set(tensors) - {"weight", "bias"}
+    if weight is None or extra:
+        raise CheckpointError(f"{path}: a head holds 'weight' and optional 'bias', "
+                              f"got {sorted(tensors)}")
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise CheckpointError(f"{path}: 'weight' must be a 2-D float tensor, got "
+                              f"{tuple(weight.shape)} {weight.dtype}")
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_floating_point()):
+        raise CheckpointError(f"{path}: 'bias' must be a float tensor of shape "
+                              f"({weight.shape[0]},), got {tuple(bias.shape)} {bias.dtype}")
+    normalize, scale, classes = raw.get("normalize", False), raw.get("logit_scale", 1.0), raw.get("classes")
+    if not isinstance(normalize, bool):
+        raise CheckpointError(f"{sidecar}: 'normalize' must be true or false, got {normalize!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise CheckpointError(f"{sidecar}: 'logit_scale' must be a finite number, got {scale!r}")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != weight.shape[0]):
+        raise CheckpointError(f"{sidecar}: 'classes' must list the head's {weight.shape[0]} "
+                              f"classes, got {classes!r:.200}")
+    meta = {"normalize": normalize, "logit_scale": float(scale), "classes": classes}
+    return weight.float(), (None if bias is None else bias.float()), meta
+
+
+def head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                meta: Mapping) -> torch.Tensor:
+    """``logit_scale · normalize?(features) @ weightᵀ + bias``, in float32 (float64 kept)."""
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    feats = features.to(dtype)
+    if meta.get("normalize", False):
+        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = float(meta.get("logit_scale", 1.0)) * (feats @ weight.to(feats.device, dtype).T)
+    if bias is not None:
+        logits = logits + bias.to(feats.device, dtype)
+    return logits
 
 
 def _describe(x) -> str:

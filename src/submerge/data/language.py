@@ -32,21 +32,23 @@ module does no templating. Config of one expert, the ``dataset`` block::
       max_new_tokens: 64        # exact match: generation length (r-three/mats: 64)
 
 Suite level: ``tokenizer: {path: <local dir>}`` or ``{hub: <id>, revision: ...}``
-(``AutoTokenizer.from_pretrained``). ``accuracy`` calls ``module`` directly as a
-transformers seq2seq LM (``T5ForConditionalGeneration``: ``get_encoder``, ``forward`` with
-``labels``, ``generate``); ``adapter`` is accepted for the EvalTask protocol.
+(``AutoTokenizer.from_pretrained``, :func:`submerge.models.load_tokenizer`). How the model
+scores a choice or generates an answer depends on the architecture, so ``accuracy`` asks
+the adapter: :meth:`~submerge.models.Adapter.score_choices` and
+:meth:`~submerge.models.Adapter.generate` (implemented by ``hf_t5``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from submerge.data.vision import SOURCE_DEFAULTS, open_split, parse_dataset_cfg, require_columns, subset_indices
 from submerge.errors import ConfigError
+from submerge.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,65 +57,6 @@ TEXT_DEFAULTS = {
     "choices_key": None, "choices": None, "target_key": None, "scoring": "sum", "max_new_tokens": 64,
 }
 SCORINGS = ("sum", "mean")
-
-
-def load_tokenizer(spec: Mapping | None):
-    """``AutoTokenizer.from_pretrained`` of ``{path: dir}`` or ``{hub: id, revision: ...}``."""
-    from transformers import AutoTokenizer
-
-    if not isinstance(spec, Mapping) or (spec.get("path") is None) == (spec.get("hub") is None):
-        raise ConfigError(f"suite 'tokenizer' needs exactly one of 'path' and 'hub', got {spec!r}")
-    if spec.get("path") is not None:
-        path = Path(spec["path"])
-        if not path.is_dir():
-            raise ConfigError(f"tokenizer.path {path} is not a directory")
-        return AutoTokenizer.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(spec["hub"], revision=spec.get("revision"))
-
-
-@torch.no_grad()
-def choice_log_likelihoods(model, tokenizer, inputs: Sequence[str], choices: Sequence[Sequence[str]], *,
-                           device="cpu", scoring: str = "sum") -> list[torch.Tensor]:
-    """Per example, a float32 tensor with the score of each of its answer choices.
-
-    The input is encoded once; each choice's tokens (as the tokenizer writes them, with
-    ``</s>`` for T5) are scored by teacher forcing; pad positions are ignored. ``scoring``:
-    "sum" of token log-probabilities, or their "mean".
-    """
-    from transformers.modeling_outputs import BaseModelOutput
-
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    counts = [len(c) for c in choices]
-    if len(counts) != len(inputs) or min(counts, default=1) < 1:
-        raise ValueError("every input needs a non-empty list of answer choices")
-    enc = tokenizer(list(inputs), padding=True, truncation=True, return_tensors="pt").to(device)
-    tgt = tokenizer([c for cs in choices for c in cs], padding=True, truncation=True, return_tensors="pt").to(device)
-    hidden = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    repeats = torch.tensor(counts, device=hidden.device)
-    token_mask = tgt["attention_mask"].bool()
-    labels = tgt["input_ids"].masked_fill(~token_mask, -100)  # T5's shift turns -100 into pad
-    logits = model(
-        encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(repeats, dim=0)),
-        attention_mask=enc["attention_mask"].repeat_interleave(repeats, dim=0),
-        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
-    ).logits.float()
-    # log p(token) = logit(token) - logsumexp(logits), without materialising a log_softmax copy
-    token_ll = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-    token_ll = token_ll.masked_fill(~token_mask, 0.0)
-    scores = token_ll.sum(dim=-1)
-    if scoring == "mean":
-        scores = scores / token_mask.sum(dim=-1)
-    return list(scores.cpu().split(counts))
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, inputs: Sequence[str], *, device="cpu", max_new_tokens: int = 64) -> list[str]:
-    """Greedy generations for ``inputs``, decoded without special tokens and stripped."""
-    enc = tokenizer(list(inputs), padding=True, truncation=True, return_tensors="pt").to(device)
-    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def normalize_target(tokenizer, target: str) -> str:
@@ -168,12 +111,12 @@ class LanguageTask:
             self._splits[split] = ds
         return self._splits[split]
 
-    def _rank_correct(self, module, rows: Mapping, device) -> int:
+    def _rank_correct(self, adapter, module, rows: Mapping, device) -> int:
         cfg = self.cfg
         n = len(rows[cfg["input_key"]])
         choices = rows[cfg["choices_key"]] if cfg["choices_key"] is not None else [cfg["choices"]] * n
-        scores = choice_log_likelihoods(module, self.tokenizer, rows[cfg["input_key"]], choices,
-                                        device=device, scoring=cfg["scoring"])
+        scores = adapter.score_choices(module, self.tokenizer, rows[cfg["input_key"]], choices,
+                                       device=device, scoring=cfg["scoring"])
         correct = 0
         for score, label, options in zip(scores, rows[cfg["label_key"]], choices):
             label = int(label)
@@ -183,9 +126,9 @@ class LanguageTask:
             correct += int(int(score.argmax()) == label)
         return correct
 
-    def _exact_correct(self, module, rows: Mapping, device) -> int:
+    def _exact_correct(self, adapter, module, rows: Mapping, device) -> int:
         cfg = self.cfg
-        answers = generate_answers(module, self.tokenizer, rows[cfg["input_key"]], device=device,
+        answers = adapter.generate(module, self.tokenizer, rows[cfg["input_key"]], device=device,
                                    max_new_tokens=cfg["max_new_tokens"])
         targets = [normalize_target(self.tokenizer, str(t)) for t in rows[cfg["target_key"]]]
         return sum(a == t for a, t in zip(answers, targets))
@@ -195,7 +138,9 @@ class LanguageTask:
                  max_examples: int | None = None) -> float:
         """Fraction in [0, 1] of examples of ``split`` answered correctly.
 
-        ``max_examples`` evaluates a seeded random subset (``vision.subset_indices``).
+        ``adapter`` (e.g. ``get_adapter("hf_t5")``) scores the answer choices or generates
+        the answers of ``module``. ``max_examples`` evaluates a seeded random subset
+        (``vision.subset_indices``).
         """
         ds = self.split(split)
         if max_examples is not None:
@@ -209,7 +154,7 @@ class LanguageTask:
         correct = 0
         try:
             for start in range(0, n, batch_size):
-                correct += count(module, ds[start:min(start + batch_size, n)], device)
+                correct += count(adapter, module, ds[start:min(start + batch_size, n)], device)
         finally:
             module.train(was_training)
         acc = correct / n

@@ -44,7 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from submerge.data.heads import head_logits, load_head
 from submerge.errors import CheckpointError, ConfigError
+from submerge.models import get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -202,65 +204,17 @@ def prompts(dcfg: Mapping, expert: str) -> tuple[list[str], list[str]]:
 
 # ----------------------------------------------------------------------------- preprocessing
 
-def _image_size(adapter: str, arch: Mapping) -> int:
-    """The input resolution the adapter's tower is built for (see submerge.models)."""
-    if adapter == "open_clip_vit" and "model" in arch:  # {"model": "ViT-B-32"}: open_clip's bundled config
-        import open_clip
-
-        model_cfg = open_clip.get_model_config(arch["model"])
-        if model_cfg is None:
-            raise ConfigError(f"arch.model {arch['model']!r} is not an open_clip model config")
-        size = model_cfg["vision_cfg"]["image_size"]
-    elif adapter == "hf_clip_vision":  # a CLIPVisionConfig dict, or a CLIPConfig dict with vision_config
-        from transformers import CLIPVisionConfig
-
-        try:
-            size = CLIPVisionConfig.from_dict(dict(arch.get("vision_config", arch))).image_size
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"arch is not a valid CLIPVisionConfig: {exc}") from exc
-    else:
-        size = arch.get("image_size")
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
-            raise ConfigError(f"arch image_size must be square, got {size}")
-        size = size[0]
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"arch needs 'image_size' (or 'model' for open_clip), got {size!r}")
-    return size
-
-
-class _HFCLIPProcess:
-    """CLIPImageProcessor (resize shortest edge, center crop, rescale, OpenAI mean/std) for one image."""
-
-    def __init__(self, size: int):
-        from transformers import CLIPImageProcessor
-
-        self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-    def __call__(self, image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
 def image_transform(suite_cfg: Mapping) -> Callable:
     """The evaluation preprocessing of the suite's model: PIL image -> float tensor (3, S, S).
 
-    open_clip: ``open_clip.image_transform(S, is_train=False)`` with OpenAI CLIP mean/std
-    (bicubic resize of the shorter side, center crop); transformers CLIP: a
-    ``CLIPImageProcessor`` for S (same steps, same constants). S = the tower's input size:
-    ``arch.image_size``, the open_clip config of ``arch.model``, or the CLIPVisionConfig of ``arch``.
+    The suite's adapter owns it (:meth:`submerge.models.Adapter.image_transform`): open_clip:
+    ``open_clip.image_transform(S, is_train=False)`` with OpenAI CLIP mean/std (bicubic resize
+    of the shorter side, center crop); transformers CLIP: a ``CLIPImageProcessor`` for S (same
+    steps, same constants). S = the tower's input size: ``arch.image_size``, the open_clip
+    config of ``arch.model``, or the CLIPVisionConfig of ``arch``. ConfigError for an adapter
+    without image preprocessing.
     """
-    adapter, arch = suite_cfg.get("adapter"), suite_cfg.get("arch")
-    if adapter not in ("open_clip_vit", "hf_clip_vision"):
-        raise ConfigError(f"adapter {adapter!r} has no image preprocessing; expected open_clip_vit or hf_clip_vision")
-    if not isinstance(arch, Mapping):
-        raise ConfigError(f"suite needs an 'arch' mapping, got {arch!r}")
-    size = _image_size(adapter, arch)
-    if adapter == "open_clip_vit":
-        import open_clip
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        return open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
-    return _HFCLIPProcess(size)
+    return get_adapter(suite_cfg.get("adapter")).image_transform(suite_cfg.get("arch"))
 
 
 def to_pil(image):
@@ -313,8 +267,6 @@ class VisionTask:
 
     def head(self):
         """(weight, bias, meta) of the expert's head, checked against ``dataset.classes``."""
-        from submerge.data import load_head
-
         weight, bias, meta = load_head(self.root, self.name)
         if self.cfg.get("classes") is not None:
             classes, _ = prompts(self.cfg, self.name)
@@ -330,8 +282,6 @@ class VisionTask:
 
         ``max_examples`` evaluates a seeded random subset (:func:`subset_indices`).
         """
-        from submerge.data import head_logits
-
         ds = self.split(split)
         if max_examples is not None:
             ds = ds.select(subset_indices(len(ds), max_examples))

@@ -3,7 +3,9 @@
 Layout: one HDF5 group per (parameter key, row block) named ``"<key>/<block>"`` holding
 ``V`` (n×n shared basis), ``sigma`` (N×n generalised singular values) and ``eigvals`` (n), with
 attributes ``kind``, ``block`` (transformer block, −1 if none), ``transposed`` and ``seconds``;
-file attributes ``experts`` (JSON list, the row order of ``sigma``) and whatever the caller adds.
+file attributes ``experts`` (JSON list, the row order of ``sigma``) and whatever the caller adds
+(the pipeline: ``pi``, the regularisation the cache was computed with, which
+``submerge.hogsvd.hogsvd_merge(..., cache=...)`` requires, and ``layers``).
 Written to a temporary name and renamed.
 """
 
@@ -19,7 +21,12 @@ import h5py
 import numpy as np
 import torch
 
+from submerge.errors import CheckpointError
+
 from .atomic import atomic_path
+
+ENTRY_ATTRS = ("kind", "block", "transposed", "seconds")
+_REDO = "delete it and rerun (rule hogsvd)"
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,30 @@ class HOGSVDEntry:
     eigvals: torch.Tensor
     transposed: bool
     seconds: float
+
+
+class HOGSVDCache(tuple):
+    """What :func:`read_hogsvd_cache` returns: unpacks as the pair ``(experts, entries)``;
+    also ``.experts``, ``.entries``, ``.attrs`` (the file attributes other than ``experts``,
+    as Python values, e.g. ``pi`` and ``layers``) and ``.path`` (the file, or None)."""
+
+    def __new__(cls, experts: list[str], entries: list[HOGSVDEntry],
+                attrs: Mapping[str, object] | None = None, path: str | os.PathLike | None = None):
+        self = super().__new__(cls, (list(experts), list(entries)))
+        self.attrs = dict(attrs or {})
+        self.path = None if path is None else str(path)
+        return self
+
+    def __reduce__(self):
+        return (type(self), (self[0], self[1], self.attrs, self.path))
+
+    @property
+    def experts(self) -> list[str]:
+        return self[0]
+
+    @property
+    def entries(self) -> list[HOGSVDEntry]:
+        return self[1]
 
 
 def write_hogsvd_cache(path: str | os.PathLike, experts: list[str], entries: list[HOGSVDEntry],
@@ -50,27 +81,78 @@ def write_hogsvd_cache(path: str | os.PathLike, experts: list[str], entries: lis
                            transposed=e.transposed, seconds=e.seconds)
 
 
-def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False
-                      ) -> tuple[list[str], list[HOGSVDEntry]]:
-    """Experts (row order) and entries; ``V`` is loaded only when ``with_basis``."""
+def _plain(value: object) -> object:
+    """An HDF5 attribute as a Python value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False) -> HOGSVDCache:
+    """Experts (row order), entries (sorted by key, row block) and file attributes;
+    ``V`` is loaded only when ``with_basis``.
+
+    The file is checked to be complete: the ``experts`` attribute, and for every
+    ``"<key>/<block>"`` group ``sigma`` (N×n, N experts), ``eigvals`` (n), ``V`` (n×n, when
+    ``with_basis``) and the attributes ``kind``, ``block``, ``transposed``, ``seconds``.
+    ``FileNotFoundError`` if it does not exist; ``CheckpointError`` naming the file (and the
+    key) if a piece is missing or malformed, or the HDF5 file is unreadable or truncated.
+    """
     if not Path(path).exists():
         raise FileNotFoundError(f"HO-GSVD cache {path} does not exist")
+    where = f"HO-GSVD cache {path}"
     entries = []
-    with h5py.File(path, "r") as f:
-        experts = json.loads(f.attrs["experts"])
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            if "experts" not in attrs:
+                raise CheckpointError(f"{where} has no file attribute 'experts': {_REDO}")
+            try:
+                experts = json.loads(attrs.pop("experts"))
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"{where}: file attribute 'experts' is not a JSON list ({err}): {_REDO}") from None
+            if not isinstance(experts, list):
+                raise CheckpointError(f"{where}: file attribute 'experts' is not a JSON list: {_REDO}")
 
-        def visit(name, obj):
-            if isinstance(obj, h5py.Group) and "sigma" in obj:
-                key, row_block = name.rsplit("/", 1)
-                block = int(obj.attrs["block"])
+            leaves = []
+
+            def visit(name: str, obj: object) -> None:  # entry groups: groups without subgroups
+                if isinstance(obj, h5py.Group) and not any(
+                        obj.get(child, getclass=True) is h5py.Group for child in obj):
+                    leaves.append(name)
+
+            f.visititems(visit)
+            for name in leaves:
+                key, _, row_block = name.rpartition("/")
+                if not key or not row_block.isdigit():
+                    raise CheckpointError(f"{where}: group {name!r} is not named '<key>/<row block>': {_REDO}")
+                g = f[name]
+                wanted = (["V"] if with_basis else []) + ["sigma", "eigvals"]
+                missing = [d for d in wanted if g.get(d, getclass=True) is not h5py.Dataset]
+                missing += [f"attribute {a!r}" for a in ENTRY_ATTRS if a not in g.attrs]
+                if missing:
+                    raise CheckpointError(
+                        f"{where}: key {key!r}, row block {row_block} lacks {', '.join(missing)}: {_REDO}")
+                sigma = torch.from_numpy(np.asarray(g["sigma"]))
+                eigvals = torch.from_numpy(np.asarray(g["eigvals"]))
+                v = torch.from_numpy(np.asarray(g["V"])) if with_basis else torch.empty(0)
+                n = eigvals.shape[0] if eigvals.ndim == 1 else -1
+                if (sigma.shape != (len(experts), n) or (with_basis and v.shape != (n, n))):
+                    raise CheckpointError(
+                        f"{where}: key {key!r}, row block {row_block} has inconsistent shapes (sigma "
+                        f"{tuple(sigma.shape)}, eigvals {tuple(eigvals.shape)}"
+                        + (f", V {tuple(v.shape)}" if with_basis else "")
+                        + f"; {len(experts)} experts): {_REDO}")
+                block = int(g.attrs["block"])
                 entries.append(HOGSVDEntry(
-                    key=key, row_block=int(row_block), kind=str(obj.attrs["kind"]),
-                    block=None if block < 0 else block,
-                    V=torch.from_numpy(np.asarray(obj["V"])) if with_basis else torch.empty(0),
-                    sigma=torch.from_numpy(np.asarray(obj["sigma"])),
-                    eigvals=torch.from_numpy(np.asarray(obj["eigvals"])),
-                    transposed=bool(obj.attrs["transposed"]), seconds=float(obj.attrs["seconds"])))
-
-        f.visititems(visit)
+                    key=key, row_block=int(row_block), kind=str(_plain(g.attrs["kind"])),
+                    block=None if block < 0 else block, V=v, sigma=sigma, eigvals=eigvals,
+                    transposed=bool(g.attrs["transposed"]), seconds=float(g.attrs["seconds"])))
+    except OSError as err:
+        raise CheckpointError(f"{where} is unreadable or truncated ({err}): {_REDO}") from err
     entries.sort(key=lambda e: (e.key, e.row_block))
-    return experts, entries
+    return HOGSVDCache(experts, entries, attrs, path)

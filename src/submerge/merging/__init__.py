@@ -1,17 +1,17 @@
 """Merge rules: pure tensor math on task vectors (no files, no key-name parsing).
 
-Every rule is ``fn(task_vectors, layer_info, **hyper) -> Delta_merge`` (without alpha);
-:data:`MERGE_RULES` maps the rule names used in configs to the functions and
-:func:`merge` dispatches with checked hyperparameters. LiNeS (:mod:`.lines`) is a
-post-processing step, not a rule.
+Every merge function is ``fn(task_vectors, layer_info, **kwargs) -> Delta_merge`` (without
+alpha); :mod:`submerge.merges` registers each one with its label, paper and hyperparameters,
+and :func:`merge` dispatches by registered name. LiNeS (:mod:`.lines`) is a post-processing
+step, not a merge function.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
+from submerge import merges
 from submerge.errors import ConfigError
 from submerge.layers import LayerInfo
 from submerge.merging.consensus import consensus, tall_masks
@@ -23,7 +23,6 @@ from submerge.merging.ties import ties
 from submerge.merging.tsv import tsv_m
 
 __all__ = [
-    "MERGE_RULES",
     "merge",
     "StateDict",
     "validate_state_dicts",
@@ -41,50 +40,19 @@ __all__ = [
 ]
 
 
-def _lazy(module: str, name: str) -> Callable:
-    """A rule whose implementation is imported on first use (``rule.resolve()`` returns it)."""
-
-    def resolve() -> Callable:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"merge rule needs {module}.{name}, which cannot be imported: {err}") from err
-
-    def rule(task_vectors, layer_info, **hyper):
-        return resolve()(task_vectors, layer_info, **hyper)
-
-    rule.resolve = resolve
-    rule.__name__ = name
-    rule.__doc__ = f"Lazily imported {module}.{name}."
-    return rule
-
-
-MERGE_RULES: dict[str, Callable] = {
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "consensus": consensus,
-    "tsv_m": tsv_m,
-    "iso_c": iso_c,
-    "iso_cts": iso_cts,
-    "hogsvd": _lazy("submerge.hogsvd", "hogsvd_merge"),
-}
-
-
 def merge(
-    rule: str,
+    name: str,
     task_vectors: Sequence[StateDict],
     layer_info: Mapping[str, LayerInfo],
-    **hyper,
+    **kwargs,
 ) -> StateDict:
-    """Merge with the rule named ``rule``; ``ConfigError`` names an unknown rule or
-    hyperparameter (bad hyperparameter values raise ``ConfigError`` from the rule)."""
-    if rule not in MERGE_RULES:
-        raise ConfigError(f"unknown merge rule {rule!r}; known rules: {sorted(MERGE_RULES)}")
-    fn = MERGE_RULES[rule]
-    target = fn.resolve() if hasattr(fn, "resolve") else fn
-    params = list(inspect.signature(target).parameters.values())[2:]  # after task_vectors, layer_info
+    """Merge with the merge function registered as ``name`` (:data:`submerge.merges.MERGES`);
+    ``kwargs`` are the function's keyword arguments. ``ConfigError`` names an unknown function
+    or keyword (bad values raise ``ConfigError`` from the function)."""
+    fn = merges.get(name).function()
+    params = list(inspect.signature(fn).parameters.values())[2:]  # after task_vectors, layer_info
     allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(hyper) - set(allowed))
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ConfigError(f"merge rule {rule!r} has no hyperparameter(s) {unknown}; allowed: {allowed}")
-    return target(task_vectors, layer_info, **hyper)
+        raise ConfigError(f"merge function {name!r} has no keyword(s) {unknown}; allowed: {allowed}")
+    return fn(task_vectors, layer_info, **kwargs)

@@ -8,6 +8,19 @@ builds the tower with random init, and runs it. One adapter per architecture fam
 * ``hf_clip_vision`` -- transformers ``CLIPVisionModel`` (:mod:`submerge.models.hf_clip`)
 * ``hf_t5``          -- transformers ``T5ForConditionalGeneration`` (:mod:`submerge.models.hf_t5`)
 
+Besides the tower itself, an adapter owns everything else that depends on the
+architecture, so that no code outside this package compares adapter names:
+
+* :meth:`Adapter.image_size` / :meth:`Adapter.image_transform` -- the evaluation image
+  preprocessing of the CLIP towers (:mod:`submerge.data.vision` calls them);
+* :meth:`Adapter.zero_shot_model` -- the full CLIP (image and text tower) and its tokenizer
+  that :func:`submerge.data.heads.zero_shot_head` needs;
+* :meth:`Adapter.score_choices` / :meth:`Adapter.generate` -- how a seq2seq language model
+  scores answer choices and generates answers (:mod:`submerge.data.language` calls them).
+
+The base class raises :class:`~submerge.errors.ConfigError` for what an architecture does
+not have (a T5 has no image preprocessing, a CLIP tower scores no text answers).
+
 Adapters are imported lazily, so using one does not import the others' libraries.
 """
 
@@ -15,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -24,6 +37,7 @@ from submerge.layers import LayerInfo
 
 
 StateDict = dict[str, torch.Tensor]
+ImageTransform = Callable[[Any], torch.Tensor]   # PIL RGB image -> float tensor (3, S, S)
 
 # name -> (module, class); imported on first use.
 _ADAPTERS: dict[str, tuple[str, str]] = {
@@ -94,6 +108,48 @@ class Adapter:
                 "it is not a complete tower of this architecture"
             )
 
+    # ------------------------------------------------------------------ images (CLIP towers)
+
+    def image_size(self, arch: Mapping) -> int:
+        """The input resolution S (square) of the tower ``arch`` builds; ConfigError if none."""
+        raise ConfigError(f"adapter {self.name!r} has no image preprocessing; "
+                          "expected open_clip_vit or hf_clip_vision")
+
+    def image_transform(self, arch: Mapping) -> ImageTransform:
+        """The evaluation preprocessing of the tower: PIL RGB image -> float tensor (3, S, S)."""
+        raise ConfigError(f"adapter {self.name!r} has no image preprocessing; "
+                          "expected open_clip_vit or hf_clip_vision")
+
+    # ------------------------------------------------------------------ zero-shot heads (CLIP)
+
+    def zero_shot_model(self, arch: Mapping, raw: Mapping[str, torch.Tensor],
+                        tokenizer_spec: Mapping | None = None, *,
+                        source: str = "checkpoint") -> tuple[torch.nn.Module, Any]:
+        """``(full CLIP model, tokenizer)`` for :func:`submerge.data.heads.zero_shot_head`.
+
+        ``arch`` is the suite's ``arch``; ``raw`` the full CLIP checkpoint (image and text
+        tower), loaded **strictly** (CheckpointError naming ``source`` otherwise: a missing
+        text tower must not be left randomly initialised); ``tokenizer_spec`` the suite's
+        ``tokenizer`` (``{path: dir}`` or ``{hub: id, revision: ...}``) where the adapter
+        needs one. The model is returned on the CPU, in whatever mode it was built.
+        """
+        raise ConfigError(f"config field adapter: zero-shot heads need a CLIP adapter, not {self.name!r}")
+
+    # ------------------------------------------------------------------ text (seq2seq LMs)
+
+    def score_choices(self, module: torch.nn.Module, tokenizer, inputs: Sequence[str],
+                      choices: Sequence[Sequence[str]], *, device="cpu",
+                      scoring: str = "sum") -> list[torch.Tensor]:
+        """Per input, a float32 tensor with the score of each of its answer choices."""
+        raise ConfigError(f"adapter {self.name!r} cannot score text answers; text tasks need a "
+                          "seq2seq language model adapter (hf_t5)")
+
+    def generate(self, module: torch.nn.Module, tokenizer, inputs: Sequence[str], *, device="cpu",
+                 max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers to ``inputs``, decoded without special tokens and stripped."""
+        raise ConfigError(f"adapter {self.name!r} cannot generate text answers; text tasks need a "
+                          "seq2seq language model adapter (hf_t5)")
+
 
 def block_count(keys: Iterable[str], pattern: str) -> int:
     """1 + the largest ``(\\d+)`` captured by ``pattern`` (searched in each key), 0 if none."""
@@ -118,6 +174,51 @@ def check_arch_fields(arch: Mapping, allowed: Iterable[str], required: Iterable[
             raise ConfigError(f"{what}: arch field {field!r} is required")
 
 
+def square_image_size(size) -> int:
+    """``size`` (an int, or a square ``[S, S]``) as one positive int; ConfigError otherwise."""
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ConfigError(f"arch image_size must be square, got {size}")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"arch needs 'image_size' (or 'model' for open_clip), got {size!r}")
+    return size
+
+
+def require_arch_mapping(arch) -> Mapping:
+    """``arch`` itself when it is a mapping; ConfigError otherwise."""
+    if not isinstance(arch, Mapping):
+        raise ConfigError(f"suite needs an 'arch' mapping, got {arch!r}")
+    return arch
+
+
+def load_tokenizer(spec: Mapping | None):
+    """``transformers.AutoTokenizer.from_pretrained`` of ``{path: dir}`` or ``{hub: id, revision: ...}``."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not isinstance(spec, Mapping) or (spec.get("path") is None) == (spec.get("hub") is None):
+        raise ConfigError(f"suite 'tokenizer' needs exactly one of 'path' and 'hub', got {spec!r}")
+    if spec.get("path") is not None:
+        path = Path(spec["path"])
+        if not path.is_dir():
+            raise ConfigError(f"tokenizer.path {path} is not a directory")
+        return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(spec["hub"], revision=spec.get("revision"))
+
+
+def load_zero_shot_state(model: torch.nn.Module, raw: Mapping[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(raw)`` strictly; CheckpointError naming ``source`` on a mismatch."""
+    try:  # strict: a missing text tower must not leave a randomly initialised one behind
+        model.load_state_dict(raw)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"zeroshot_model {source}: not a full CLIP checkpoint of config field arch "
+            f"(hf_clip_vision: a vision-only arch gets transformers' default text tower; otherwise give "
+            f"a CLIPConfig dict with text_config, vision_config and projection_dim): {exc}") from exc
+
+
 def get_adapter(name: str) -> Adapter:
     """The adapter registered under ``name``; ConfigError listing the known ones otherwise."""
     if name not in _ADAPTERS:
@@ -126,4 +227,4 @@ def get_adapter(name: str) -> Adapter:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
-__all__ = ["Adapter", "StateDict", "get_adapter"]
+__all__ = ["Adapter", "ImageTransform", "StateDict", "get_adapter", "load_tokenizer"]

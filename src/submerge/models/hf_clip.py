@@ -43,12 +43,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from submerge.errors import CheckpointError, ConfigError
-from submerge.models import Adapter, StateDict, block_count
+from submerge.models import (
+    Adapter, ImageTransform, StateDict, block_count, load_tokenizer, load_zero_shot_state, require_arch_mapping,
+    square_image_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,19 @@ _BLOCK_KEYS = tuple(f"self_attn.{p}_proj.{w}" for p in ("q", "k", "v", "out") fo
 _LEGACY_BUFFER = _PREFIX + "embeddings.position_ids"
 _CLIP_TEXT = re.compile(r"text_model\..*|text_projection\.weight|logit_scale")  # a CLIPModel's text side
 _TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")  # CLIPVisionModel, transformers 5
+
+
+class CLIPImageProcess:
+    """``CLIPImageProcessor`` for S (resize the shortest edge to S, center crop S×S, rescale,
+    OpenAI CLIP mean/std) applied to one PIL image -> float tensor (3, S, S)."""
+
+    def __init__(self, size: int):
+        from transformers import CLIPImageProcessor
+
+        self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 class HFCLIPVisionAdapter(Adapter):
@@ -146,3 +162,47 @@ class HFCLIPVisionAdapter(Adapter):
         """Pixel values ``(B, 3, H, W)`` -> ``image_embeds`` ``(B, projection_dim)``: the pooled
         output (post-layernorm CLS token) times ``visual_projection``, not normalised."""
         return module(pixel_values=inputs).image_embeds
+
+    def image_size(self, arch: Mapping) -> int:
+        """``image_size`` of the ``CLIPVisionConfig`` of ``arch`` (a ``CLIPVisionConfig`` dict, or a
+        ``CLIPConfig`` dict with ``vision_config``); transformers' default when absent."""
+        from transformers import CLIPVisionConfig
+
+        arch = require_arch_mapping(arch)
+        try:
+            size = CLIPVisionConfig.from_dict(dict(arch.get("vision_config", arch))).image_size
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"arch is not a valid CLIPVisionConfig: {exc}") from exc
+        return square_image_size(size)
+
+    def image_transform(self, arch: Mapping) -> ImageTransform:
+        """A ``CLIPImageProcessor`` for S = :meth:`image_size` (the steps and constants of
+        open_clip's evaluation transform), one image at a time."""
+        return CLIPImageProcess(self.image_size(arch))
+
+    def zero_shot_model(self, arch: Mapping, raw: Mapping[str, torch.Tensor],
+                        tokenizer_spec: Mapping | None = None, *,
+                        source: str = "checkpoint") -> tuple[torch.nn.Module, Any]:
+        """A transformers ``CLIPModel`` with ``raw`` loaded strictly, and the tokenizer of
+        ``tokenizer_spec`` (required: ``{hub: id}`` or ``{path: dir}`` of a CLIP tokenizer).
+
+        ``arch`` is a full ``CLIPConfig`` dict (with ``vision_config``), or a vision config
+        dict: then the text tower is transformers' default and ``projection_dim`` is
+        ``arch.get("projection_dim", 512)``. ``...embeddings.position_ids`` entries that
+        transformers 4 saved and the model no longer has are dropped from ``raw``.
+        """
+        import transformers
+
+        arch = require_arch_mapping(arch)
+        if tokenizer_spec is None:
+            raise ConfigError("config field tokenizer: required to build zero-shot heads with "
+                              "hf_clip_vision ({hub: <repo id>} or {path: <dir>} of a CLIP tokenizer)")
+        tokenizer = load_tokenizer(tokenizer_spec)
+        config = transformers.CLIPConfig(**arch) if "vision_config" in arch else \
+            transformers.CLIPConfig(vision_config=dict(arch), projection_dim=arch.get("projection_dim", 512))
+        model = transformers.CLIPModel(config)
+        # transformers 4 saved the position_ids buffers that transformers 5 no longer keeps
+        expected = set(model.state_dict())
+        raw = {k: v for k, v in raw.items() if k in expected or not k.endswith("embeddings.position_ids")}
+        load_zero_shot_state(model, raw, source)
+        return model, tokenizer

@@ -27,13 +27,17 @@ T5 ties ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens`` (and `
 when ``tie_word_embeddings``); the tower state dict holds every name, as the module's
 ``state_dict()`` does, and ``tower_state_dict`` fills tied names that a saved checkpoint
 omitted from ``shared.weight``.
+
+Text tasks (:mod:`submerge.data.language`) score answers through :meth:`HFT5Adapter.score_choices`
+(rank classification by teacher-forced log-likelihood) and :meth:`HFT5Adapter.generate`
+(greedy decoding), as r-three/mats' ``EncoderDecoderWrapper`` does.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -48,6 +52,7 @@ _FFN = r"DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight"
 _REL_KEY = "0.SelfAttention.relative_attention_bias.weight"
 _REL = re.escape(_REL_KEY)
 _TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+_SCORINGS = ("sum", "mean")
 
 
 class HFT5Adapter(Adapter):
@@ -124,3 +129,51 @@ class HFT5Adapter(Adapter):
             raise ValueError(f"{self.name}.encode needs input_ids and labels or decoder_input_ids, "
                              f"got fields {sorted(inputs)}")
         return module(**inputs).logits
+
+    @torch.no_grad()
+    def score_choices(self, module: torch.nn.Module, tokenizer, inputs: Sequence[str],
+                      choices: Sequence[Sequence[str]], *, device="cpu",
+                      scoring: str = "sum") -> list[torch.Tensor]:
+        """Per input, a float32 tensor with the score of each of its answer choices.
+
+        The input is encoded once; each choice's tokens (as the tokenizer writes them, with
+        ``</s>``) are scored by teacher forcing; pad positions are ignored. ``scoring``:
+        "sum" of token log-probabilities, or their "mean".
+        """
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if scoring not in _SCORINGS:
+            raise ValueError(f"scoring must be one of {_SCORINGS}, got {scoring!r}")
+        counts = [len(c) for c in choices]
+        if len(counts) != len(inputs) or min(counts, default=1) < 1:
+            raise ValueError("every input needs a non-empty list of answer choices")
+        enc = tokenizer(list(inputs), padding=True, truncation=True, return_tensors="pt").to(device)
+        tgt = tokenizer([c for cs in choices for c in cs], padding=True, truncation=True,
+                        return_tensors="pt").to(device)
+        hidden = module.get_encoder()(input_ids=enc["input_ids"],
+                                      attention_mask=enc["attention_mask"]).last_hidden_state
+        repeats = torch.tensor(counts, device=hidden.device)
+        token_mask = tgt["attention_mask"].bool()
+        labels = tgt["input_ids"].masked_fill(~token_mask, -100)  # T5's shift turns -100 into pad
+        logits = module(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(repeats, dim=0)),
+            attention_mask=enc["attention_mask"].repeat_interleave(repeats, dim=0),
+            decoder_input_ids=module.prepare_decoder_input_ids_from_labels(labels=labels),
+        ).logits.float()
+        # log p(token) = logit(token) - logsumexp(logits), without materialising a log_softmax copy
+        token_ll = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+        token_ll = token_ll.masked_fill(~token_mask, 0.0)
+        scores = token_ll.sum(dim=-1)
+        if scoring == "mean":
+            scores = scores / token_mask.sum(dim=-1)
+        return list(scores.cpu().split(counts))
+
+    @torch.no_grad()
+    def generate(self, module: torch.nn.Module, tokenizer, inputs: Sequence[str], *, device="cpu",
+                 max_new_tokens: int = 64) -> list[str]:
+        """Greedy generations (``do_sample=False, num_beams=1``) for ``inputs``, decoded without
+        special tokens and stripped."""
+        enc = tokenizer(list(inputs), padding=True, truncation=True, return_tensors="pt").to(device)
+        out = module.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from submerge.errors import ConfigError
-from submerge.models import Adapter, StateDict, block_count, check_arch_fields, strip_prefix
+from submerge.models import (
+    Adapter, ImageTransform, StateDict, block_count, check_arch_fields, load_zero_shot_state, require_arch_mapping,
+    square_image_size, strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +125,48 @@ class OpenClipViTAdapter(Adapter):
         Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation).
         """
         return module(inputs)
+
+    def image_size(self, arch: Mapping) -> int:
+        """``arch["image_size"]``, or the ``vision_cfg.image_size`` of open_clip's bundled config
+        ``arch["model"]``."""
+        arch = require_arch_mapping(arch)
+        if "model" in arch:  # {"model": "ViT-B-32"}: open_clip's bundled config
+            import open_clip
+
+            model_cfg = open_clip.get_model_config(arch["model"])
+            if model_cfg is None:
+                raise ConfigError(f"arch.model {arch['model']!r} is not an open_clip model config")
+            size = model_cfg["vision_cfg"]["image_size"]
+        else:
+            size = arch.get("image_size")
+        return square_image_size(size)
+
+    def image_transform(self, arch: Mapping) -> ImageTransform:
+        """``open_clip.image_transform(S, is_train=False)`` with OpenAI CLIP mean/std (bicubic
+        resize of the shorter side to S, center crop, normalise), S = :meth:`image_size`."""
+        size = self.image_size(arch)
+        import open_clip
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        return open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+
+    def zero_shot_model(self, arch: Mapping, raw: Mapping[str, torch.Tensor],
+                        tokenizer_spec: Mapping | None = None, *,
+                        source: str = "checkpoint") -> tuple[torch.nn.Module, Any]:
+        """The open_clip ``CLIP`` of ``arch["model"]`` (``quick_gelu`` as in ``arch``) with ``raw``
+        loaded strictly, and ``open_clip.get_tokenizer(arch["model"])``; ``tokenizer_spec`` is
+        not used (open_clip's config names its tokenizer)."""
+        import open_clip
+
+        arch = require_arch_mapping(arch)
+        if "model" not in arch:
+            raise ConfigError("config field arch: zero-shot heads with open_clip_vit need 'model' "
+                              "(an open_clip config with a text tower, e.g. ViT-B-32)")
+        try:
+            model = open_clip.create_model(arch["model"], pretrained=None,
+                                           force_quick_gelu=bool(arch.get("quick_gelu", False)))
+        except RuntimeError as exc:
+            raise ConfigError(f"{self.name}: arch field 'model': {exc}") from exc
+        tokenizer = open_clip.get_tokenizer(arch["model"])
+        load_zero_shot_state(model, raw, source)
+        return model, tokenizer

@@ -1,9 +1,11 @@
 """Figures of the report (matplotlib, no pyplot: every function builds its own
 :class:`~matplotlib.figure.Figure`, so no global backend or state is touched).
 
-Each function takes the pipeline's frames/arrays and a path ``stem``, writes
-``<stem>.pdf`` and ``<stem>.png`` atomically and returns ``[pdf, png]`` (pass them to
-``provenance.write_sidecar``).
+Each function is a figure of :data:`submerge.report.registry.FIGURES`: it takes the report
+inputs its registry entry names (pandas frames, the HO-GSVD summary dict), the run's
+:class:`~submerge.recipe.Recipe` and a path ``stem``, writes ``<stem>.pdf`` and ``<stem>.png``
+atomically and returns ``[pdf, png]`` (pass them to ``provenance.write_sidecar``). Method
+labels, boosting and base methods come from the recipe (:mod:`submerge.report.tables`).
 
 Style lives in one place, :data:`RC` (applied with ``rc_context`` around each figure):
 DejaVu Sans (bundled with matplotlib), the Okabe–Ito colour-blind-safe palette
@@ -30,6 +32,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from submerge.io.atomic import atomic_path
+from submerge.recipe import Recipe
 from submerge.report import tables
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,10 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#0
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 HEATMAP_CMAP = "viridis"
+# rank collapse (paper Fig. 1a) shows the Task Arithmetic family without LiNeS, with and without
+# boosting (TSV-M / Iso change the spectrum by construction and would crowd the plot; their
+# ranks are in the summary CSV)
+RANK_COLLAPSE_MERGES = ("task_arithmetic", "ties", "consensus")
 KIND_TITLES = {
     "attn": "attention",
     "mlp": "MLP",
@@ -106,15 +113,13 @@ def save_figure(fig: Figure, stem: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def _method_order(present: Sequence[str], methods: tables.Methods | None) -> list[str]:
+def _method_order(present: Sequence[str], methods: tables.Methods) -> list[str]:
     present = list(dict.fromkeys(present))
-    if methods is None:
-        return present
     return [m for m in methods if m in present] + [m for m in present if m not in methods]
 
 
-def _labels(order: Sequence[str], methods: tables.Methods | None) -> dict[str, str]:
-    labels = tables.method_labels(methods) if methods is not None else {}
+def _labels(order: Sequence[str], methods: tables.Methods) -> dict[str, str]:
+    labels = tables.method_labels(methods)
     return {m: labels.get(m, m) for m in order}
 
 
@@ -149,11 +154,12 @@ def _style_handles(markers: bool = True) -> list[Line2D]:
 @_styled
 def rank_collapse(
     summary: pd.DataFrame,
+    recipe: Recipe,
     stem: str | os.PathLike,
     *,
-    methods: tables.Methods | None = None,
+    methods: Sequence[str] | None = None,
     kinds: Sequence[str] = ("attn", "mlp"),
-    energy_frac: float | None = None,
+    energy_frac: float | None = 0.9,
 ) -> list[Path]:
     """Paper Figs. 1a/2d/7/8: mean stable rank (top row) and cumulative-energy rank
     (bottom row) of the merged task vector per layer kind (columns) against the number of
@@ -161,13 +167,21 @@ def rank_collapse(
 
     ``summary``: columns group, n_experts, method, boosted, kind, stable_rank,
     energy_rank (one row per weight key). Means are over keys and over groups of equal N.
-    ``energy_frac`` only labels the axis (e.g. 0.9 → "90 % energy").
+    ``methods``: the methods shown (default: those whose merge is in
+    :data:`RANK_COLLAPSE_MERGES`, without LiNeS). ``energy_frac`` only labels the axis
+    (e.g. 0.9 → "90 % energy"; the rule ``spectra_summary`` uses 0.9).
     """
     tables.require_columns(
         summary,
         ["group", "n_experts", "method", "boosted", "kind", "stable_rank", "energy_rank"],
         "spectra summary",
     )
+    if methods is None:
+        methods = [m for m, meth in recipe.methods.items()
+                   if meth.merge in RANK_COLLAPSE_MERGES and meth.lines is None]
+    summary = summary.loc[summary["method"].isin(list(methods))]
+    if summary.empty:
+        raise ValueError(f"rank_collapse: no spectra of the methods {list(methods)}")
     kinds = [k for k in kinds if k in set(summary["kind"])]
     if not kinds:
         raise ValueError(
@@ -181,8 +195,8 @@ def rank_collapse(
         .mean()
         .reset_index()
     )
-    order = _method_order(summary["method"], methods)
-    labels = _labels(order, methods)
+    order = _method_order(summary["method"], recipe.methods)
+    labels = _labels(order, recipe.methods)
     colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(order)}
     ns = sorted(set(summary["n_experts"].astype(int)))
     fig = Figure(figsize=(3.0 * len(kinds) + 2.2, 5.4))
@@ -225,13 +239,28 @@ def rank_collapse(
 # ------------------------------------------------------------------------------- spectra
 
 
+def default_spectra_method(recipe: Recipe, present: Sequence[str]) -> str:
+    """The method whose spectra are shown: the first boosted Task Arithmetic method without
+    LiNeS, else the first boosted method, else the only method of the frame."""
+    present = [m for m in recipe.methods if m in set(present)] or list(dict.fromkeys(present))
+    boosted = [m for m in present if m in recipe.methods and recipe.methods[m].boosted]
+    plain_ta = [m for m in boosted if recipe.methods[m].merge == "task_arithmetic"
+                and recipe.methods[m].lines is None]
+    if plain_ta or boosted:
+        return (plain_ta or boosted)[0]
+    if len(present) != 1:
+        raise ValueError(f"spectra: several methods in the frame ({present}) and none is "
+                         "boosted; pass method=")
+    return present[0]
+
+
 @_styled
 def spectra(
     sv: pd.DataFrame,
+    recipe: Recipe,
     stem: str | os.PathLike,
     *,
     method: str | None = None,
-    methods: tables.Methods | None = None,
     kinds: Sequence[str] = ("attn", "mlp"),
     key: str | None = None,
     gammas: Sequence[float] = (1.0, 0.5),
@@ -244,8 +273,7 @@ def spectra(
 
     ``sv``: columns group, n_experts, method, boosted, kind, key, index, sigma. The
     spectrum shown is the mean over the kind's keys (or only ``key``) and over groups of
-    equal N, at each index. ``method`` may be omitted when ``sv`` holds one method;
-    ``methods`` (config metadata) only provides its display label.
+    equal N, at each index. ``method`` defaults to :func:`default_spectra_method`.
     """
     tables.require_columns(
         sv,
@@ -254,9 +282,7 @@ def spectra(
     )
     present = list(dict.fromkeys(sv["method"]))
     if method is None:
-        if len(present) != 1:
-            raise ValueError(f"spectra: several methods in the frame ({present}); pass method=")
-        method = present[0]
+        method = default_spectra_method(recipe, present)
     if method not in present:
         raise ValueError(f"spectra: method {method!r} not in the frame (has {present})")
     sub = sv.loc[sv["method"] == method]
@@ -317,7 +343,7 @@ def spectra(
     fig.align_ylabels(axes[:, 0])
     handles = [Line2D([], [], color=colors[n], label=f"N = {n}") for n in ns]
     _outside_legend(
-        fig, handles + _style_handles(markers=False), title=_labels([method], methods)[method]
+        fig, handles + _style_handles(markers=False), title=_labels([method], recipe.methods)[method]
     )
     return save_figure(fig, stem)
 
@@ -328,7 +354,7 @@ def spectra(
 @_styled
 def accuracy_vs_experts(
     scores: pd.DataFrame,
-    methods: tables.Methods,
+    recipe: Recipe,
     stem: str | os.PathLike,
     *,
     split: str = "test",
@@ -340,11 +366,12 @@ def accuracy_vs_experts(
     Groups of equal N are averaged."""
     if metric not in ("acc", "norm"):
         raise ValueError(f"accuracy_vs_experts: metric must be 'acc' or 'norm', got {metric!r}")
+    methods = recipe.methods
     summary = tables.grid_summary(scores, split)
     ref = tables.reference_summary(scores, split)
     labels = tables.method_labels(methods)
     colors: dict[str, str] = {}
-    for m, meta in methods.items():
+    for m in methods:
         base = tables.base_method(m, methods)
         colors[m] = (
             colors[base] if base in colors else PALETTE[len(set(colors.values())) % len(PALETTE)]
@@ -354,12 +381,12 @@ def accuracy_vs_experts(
     for col, label, color in (("finetuned", "Finetuned", "0.35"), ("zeroshot", "Zero-shot", "0.6")):
         r = ref.groupby("n_experts")[f"{col}_{metric}"].mean()
         ax.plot(r.index, r.values, color=color, linestyle=":", marker=".", label=label)
-    for m, meta in methods.items():
+    for m, meth in methods.items():
         sel = summary.loc[summary["method"] == m].groupby("n_experts")[metric].mean()
         if not len(sel):
             log.warning("accuracy_vs_experts: method %r has no %s scores", m, split)
             continue
-        boosted = tables.is_boosted(meta)
+        boosted = meth.boosted
         ax.plot(
             sel.index,
             sel.values,
@@ -399,7 +426,7 @@ def _annotate(ax, values: np.ndarray, fmt: str, fontsize: float) -> None:
 
 @_styled
 def alpha_beta_heatmap(
-    scores: pd.DataFrame, methods: tables.Methods, stem: str | os.PathLike, *, metric: str = "acc"
+    scores: pd.DataFrame, recipe: Recipe, stem: str | os.PathLike, *, metric: str = "acc"
 ) -> list[Path]:
     """Validation accuracy (%) over the α × β grid: one panel per group (rows) and boosted
     method (columns), β across, α down, cells annotated; the grid point chosen for test
@@ -409,11 +436,11 @@ def alpha_beta_heatmap(
     val = tables.grid_summary(scores, "val")
     test = tables.grid_summary(scores, "test")
     boosted = [
-        m for m, meta in methods.items() if tables.is_boosted(meta) and m in set(val["method"])
+        m for m, meth in recipe.methods.items() if meth.boosted and m in set(val["method"])
     ]
     if not boosted:
         raise ValueError("alpha_beta_heatmap: no boosted method has validation scores")
-    labels = tables.method_labels(methods)
+    labels = tables.method_labels(recipe.methods)
     groups = [g for g in tables.group_order(scores) if g in set(val["group"])]
     grids = {}
     for g in groups:
@@ -472,15 +499,18 @@ def alpha_beta_heatmap(
 
 @_styled
 def alignment_heatmap(
-    matrices: Mapping[str, np.ndarray],
-    names: Sequence[str],
+    hogsvd: Mapping[str, Any],
+    recipe: Recipe,
     stem: str | os.PathLike,
     *,
     annotate: bool | None = None,
 ) -> list[Path]:
     """Paper Figs. 5b/13: HO-GSVD alignment matrices (Eq. 7), one panel per entry of
-    ``matrices`` (e.g. "attn", "mlp", "mean"), experts ``names`` on both axes.
-    Cells are annotated when ``annotate`` (default: N ≤ 10)."""
+    ``hogsvd["alignment"]`` (e.g. "attn", "mlp", "mean"), the experts ``hogsvd["experts"]``
+    on both axes (``hogsvd``: the HO-GSVD summary,
+    :func:`submerge.stages.report.hogsvd_summary`). Cells are annotated when ``annotate``
+    (default: N ≤ 10)."""
+    names, matrices = list(hogsvd["experts"]), hogsvd["alignment"]
     n = len(names)
     if not matrices:
         raise ValueError("alignment_heatmap: no matrices given")
@@ -510,26 +540,33 @@ def alignment_heatmap(
         ax.set_yticks(range(n), names)
         ax.set_title(KIND_TITLES.get(title, title))
         fig.colorbar(im, ax=ax, shrink=0.85).set_label("alignment score")
-    fig.suptitle("HO-GSVD alignment matrix (higher = better aligned, easier to merge)")
+    group = f", group {hogsvd['group']}" if hogsvd.get("group") else ""
+    fig.suptitle(f"HO-GSVD alignment matrix{group} (higher = better aligned, easier to merge)")
     return save_figure(fig, stem)
 
 
 @_styled
 def subspace_importance(
-    sigmas: np.ndarray,
-    names: Sequence[str],
+    hogsvd: Mapping[str, Any],
+    recipe: Recipe,
     stem: str | os.PathLike,
     *,
-    merged: np.ndarray | None = None,
     merged_label: str = "merged (mean)",
     threshold: float | None = 1.0,
-    title: str | None = None,
 ) -> list[Path]:
-    """Paper Fig. 5a: generalised singular values of each expert (rows of ``sigmas``,
-    N × M, in the shared HO-GSVD basis order) and optionally of the merged task vector.
+    """Paper Fig. 5a: generalised singular values of each expert (rows of
+    ``hogsvd["importance"]["sigma"]``, N × M, in the shared HO-GSVD basis order of one
+    matrix) and, if given, of the merged task vector (``...["merged"]``, M values); experts
+    ``hogsvd["experts"]`` (the HO-GSVD summary, :func:`submerge.stages.report.hogsvd_summary`).
     Left: values against the shared-basis index (log scale; ``threshold`` dashed).
     Right: their distribution per expert (box plots)."""
-    sig = np.asarray(sigmas, dtype=float)
+    names, imp = list(hogsvd["experts"]), hogsvd["importance"]
+    merged = imp.get("merged")
+    title = None
+    if imp.get("key"):
+        title = f"{imp['key']} (row block {imp.get('row_block', 0)})" + (
+            f", group {hogsvd['group']}" if hogsvd.get("group") else "")
+    sig = np.asarray(imp["sigma"], dtype=float)
     if sig.ndim != 2 or sig.shape[0] != len(names):
         raise ValueError(
             f"subspace_importance: sigmas has shape {sig.shape}, expected "

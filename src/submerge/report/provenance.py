@@ -16,8 +16,7 @@ to its CSV, listing every format written). It records:
 Example (what a report script does)::
 
     paths = tables.write_table(df, "results/digits/tables/main_results")
-    provenance.write_sidecar(paths, inputs=["results/digits/scores.csv"],
-                             config={"methods": methods}, command=None)
+    provenance.write_sidecar(paths, inputs=["results/digits/scores.csv"], config=config)
 """
 
 from __future__ import annotations

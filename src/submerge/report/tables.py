@@ -1,27 +1,29 @@
 """Tables of the report: builders (pandas frames) and one writer (CSV + Markdown + LaTeX).
 
-Builders take the pipeline's frames and return a frame whose cells are numbers, ``NaN``
-for a **gap** (a method, group or task without results; shown as "—") or ``""`` for
-**not applicable** (e.g. the Δ of a method without boosting; shown empty). Accuracies are
-in percent. :func:`write_table` formats any such frame deterministically.
+Builders take the pipeline's frames and the run's :class:`~submerge.recipe.Recipe` (the
+registry's calling convention, :mod:`submerge.report.registry`) and return a frame whose cells
+are numbers, ``NaN`` for a **gap** (a method, group or task without results; shown as "—") or
+``""`` for **not applicable** (e.g. the Δ of a method without boosting; shown empty).
+Accuracies are in percent. :func:`write_table` formats any such frame deterministically.
 
 The scores frame (``results/{suite}/scores.csv``) has the columns of :data:`SCORE_COLUMNS`:
 one row per (group, method, alpha, beta, split, task), accuracies as fractions in 0..1,
 ``beta`` NaN for methods without boosting, test rows only at the grid point chosen on
-validation. ``methods`` is the config's ``methods`` mapping, in config order:
-``name -> {"rule": ..., "lines": {...}?, "boost": {...}?, "label": str?, ...}``.
+validation. Everything about a method (label, boosting, its unboosted base, SOTA or not)
+comes from the recipe's :class:`~submerge.recipe.Method` objects, in config order.
 
 Averages: *absolute* accuracy = mean over the group's tasks of ``accuracy``; *normalised*
-accuracy = mean over tasks of ``accuracy / expert_accuracy`` (Wang et al. 2024; the grid
-point is chosen on validation by the normalised average, :data:`SELECT_BY`). An average
-over fewer tasks than the group has is never reported: it becomes a gap (and a warning).
+accuracy = mean over tasks of ``accuracy / expert_accuracy`` (Wang et al. 2024). A grid point
+is chosen on validation by :func:`submerge.recipe.choose_point` with the config's
+``eval.selection_metric`` (:func:`best_on_val`), the same function the test evaluation uses.
+An average over fewer tasks than the group has is never reported: it becomes a gap (and a
+warning).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -32,7 +34,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from submerge import merges
 from submerge.io.atomic import write_text_atomic
+from submerge.recipe import GridPoint, Method, Recipe, auto_label, choose_point
 
 log = logging.getLogger(__name__)
 
@@ -50,80 +54,41 @@ SCORE_COLUMNS = (
     "zeroshot_accuracy",
 )
 SELECTION_COLUMNS = ("setting", "draw", "split", "task", "task_set", "accuracy")
-TIMING_COLUMNS = ("method", "group", "n_experts", "rule", "seconds", "max_rss_mb")
+TIMING_COLUMNS = ("method", "group", "n_experts", "merge", "seconds", "max_rss_mb")
 
-SELECT_BY = "norm"  # default validation criterion: average normalised accuracy
-_CRITERIA = {"norm": "norm", "normalized": "norm", "acc": "acc", "absolute": "acc"}
 GAP = "—"  # missing value in Markdown (LaTeX: ---); empty in CSV
 NA = ""  # not applicable (empty everywhere)
 CSV_DECIMALS = 4
 
-RULE_LABELS = {
-    "task_arithmetic": "TA",
-    "ties": "TIES",
-    "consensus": "Consensus",
-    "tsv_m": "TSV-M",
-    "iso_c": "Iso-C",
-    "iso_cts": "Iso-CTS",
-    "hogsvd": "HO-GSVD",
-}
-SOTA_RULES = ("tsv_m", "iso_c", "iso_cts")
+OURS_LABEL = "TA + LiNeS + SB"  # the paper's method, last row of the SOTA comparison
 SELECTION_SETTINGS = {"random": "Random", "hogsvd": "HO-GSVD"}
 TASK_SETS = {"pool": "Pool", "ext": "Ext", "all": "All"}
 
-Methods = Mapping[str, Mapping[str, Any]]
+Methods = Mapping[str, Method]
 Groups = Mapping[str, Sequence[str]] | Sequence[str] | None
 
 
 # ------------------------------------------------------------------------ method metadata
 
 
-def is_boosted(meta: Mapping[str, Any]) -> bool:
-    """A method is boosted when its config has a ``boost`` entry (``boost: {}`` counts)."""
-    return meta.get("boost") is not None
-
-
-def has_lines(meta: Mapping[str, Any]) -> bool:
-    """A method uses LiNeS when its config has a ``lines`` entry (``lines: {}`` counts)."""
-    return meta.get("lines") is not None
-
-
-def _auto_label(meta: Mapping[str, Any]) -> str:
-    label = RULE_LABELS.get(meta.get("rule"), str(meta.get("rule")))
-    if has_lines(meta):
-        label += " + LiNeS"
-    if is_boosted(meta):
-        label += " + SB"
-    return label
-
-
 def method_labels(methods: Methods) -> dict[str, str]:
-    """Display name of each method: its ``label``, else built from the rule
-    ("TA + LiNeS + SB"); names are appended in parentheses where labels would collide."""
-    labels = {name: str(meta.get("label") or _auto_label(meta)) for name, meta in methods.items()}
-    counts = Counter(labels.values())
-    return {name: (f"{lab} ({name})" if counts[lab] > 1 else lab) for name, lab in labels.items()}
+    """Display name of each method: its :attr:`~submerge.recipe.Method.label`, with the
+    method's name appended in parentheses where labels would collide."""
+    counts = Counter(m.label for m in methods.values())
+    return {name: (f"{m.label} ({name})" if counts[m.label] > 1 else m.label)
+            for name, m in methods.items()}
 
 
 def base_method(name: str, methods: Methods) -> str | None:
-    """The method a boosted method is compared against: the first method (config order)
-    without ``boost`` whose settings equal ``name``'s apart from ``boost`` and ``label``
-    (same rule, same ``lines``, same hyperparameters). None if ``name`` is not boosted or
-    no such method is configured."""
-    meta = methods[name]
-    if not is_boosted(meta):
+    """The method a boosted method is compared against: the first unboosted method (config
+    order) with the same :meth:`~submerge.recipe.Method.without_boost` (same merge function,
+    hyperparameters and LiNeS). None if ``name`` is not boosted or there is no such method."""
+    method = methods[name]
+    if not method.boosted:
         return None
-    strip = {k: v for k, v in meta.items() if k not in ("boost", "label")}
-    for other, ometa in methods.items():
-        if other != name and not is_boosted(ometa):
-            if {k: v for k, v in ometa.items() if k != "label"} == strip:
-                return other
-    return None
-
-
-def _boost_layers(meta: Mapping[str, Any]) -> str:
-    boost = meta.get("boost")
-    return str(boost.get("layers", "both")) if isinstance(boost, Mapping) else "both"
+    key = method.without_boost()
+    return next((other for other, m in methods.items()
+                 if not m.boosted and m.without_boost() == key), None)
 
 
 # ---------------------------------------------------------------------------- summaries
@@ -179,8 +144,8 @@ def _group_tasks(df: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def group_order(frame: pd.DataFrame, groups: Groups = None) -> list[str]:
-    """Groups ordered by number of experts, then name. ``groups`` (config ``groups``
-    mapping or list of names) adds groups that have no rows; their size comes from the
+    """Groups ordered by number of experts, then name. ``groups`` (the recipe's groups
+    mapping or a list of names) adds groups that have no rows; their size comes from the
     mapping's expert lists, or they go last."""
     n = {g: int(v) for g, v in frame.groupby("group", sort=False)["n_experts"].first().items()}
     if isinstance(groups, Mapping):
@@ -272,25 +237,46 @@ def reference_summary(scores: pd.DataFrame, split: str = "test") -> pd.DataFrame
     return out.drop(columns="n_tasks")
 
 
-def _criterion(select_by: str) -> str:
-    try:
-        return _CRITERIA[select_by]
-    except KeyError:
-        raise ValueError(
-            f"select_by must be one of {sorted(_CRITERIA)}, got {select_by!r}"
-        ) from None
+def _beta(value: Any) -> float | None:
+    """A scores.csv β as a grid point's β (NaN: no boosting)."""
+    return None if pd.isna(value) else float(value)
 
 
-def best_on_val(
-    scores: pd.DataFrame, by: Sequence[str] = ("group", "method"), select_by: str = SELECT_BY
-) -> pd.DataFrame:
-    """For each combination of ``by`` the validation grid point with the highest average
-    ``select_by`` accuracy ("norm"/"normalized" or "acc"/"absolute", the config's
-    ``eval.selection_metric``; ties: first in file order). Columns as :func:`grid_summary`."""
-    crit = _criterion(select_by)
-    val = grid_summary(scores, "val").dropna(subset=[crit])
-    idx = val.groupby(list(by), dropna=False, sort=False)[crit].idxmax()
-    return val.loc[idx.values].reset_index(drop=True)
+def best_on_val(scores: pd.DataFrame, metric: str,
+                by: Sequence[str] = ("group", "method")) -> pd.DataFrame:
+    """For each combination of ``by`` (at least group and method; add "beta" for the best α
+    per β) the validation grid point chosen by :func:`submerge.recipe.choose_point`, the
+    function that chooses the test point, with ``metric`` (the config's
+    ``eval.selection_metric``): a point per (α, β) of the val rows (β NaN: no β), its
+    accuracy per task, each task's expert accuracy from the ``expert_accuracy`` column.
+    Points scored on fewer tasks than the group has are no candidates. Columns as
+    :func:`grid_summary`, plus ``score`` (the chosen point's validation score)."""
+    by = list(by)
+    if not {"group", "method"} <= set(by) or not set(by) <= {"group", "n_experts", "method", "beta"}:
+        raise ValueError(f"best_on_val: by must hold 'group' and 'method' (and may hold "
+                         f"'n_experts', 'beta'), got {by}")
+    summary = grid_summary(scores, "val")
+    val = _prepare_scores(scores)
+    val = val.loc[val["split"] == "val"]
+    accuracy: dict[tuple, dict[str, float]] = {}
+    expert: dict[str, dict[str, float]] = {}
+    for row in val.itertuples(index=False):
+        point = GridPoint(float(row.alpha), _beta(row.beta))
+        accuracy.setdefault((row.group, row.method, point), {})[row.task] = float(row.accuracy)
+        expert.setdefault(row.group, {})[row.task] = float(row.expert_accuracy)
+    complete = summary.dropna(subset=["acc"])
+    rows, scores_ = [], []
+    for _, sub in complete.groupby(by, dropna=False, sort=False):
+        group, method = sub["group"].iloc[0], sub["method"].iloc[0]
+        candidates = {GridPoint(float(r.alpha), _beta(r.beta)): i
+                      for i, r in zip(sub.index, sub.itertuples(index=False))}
+        point, score = choose_point(((p, accuracy[(group, method, p)]) for p in candidates),
+                                    expert[group], metric)
+        rows.append(candidates[point])
+        scores_.append(score)
+    out = complete.loc[rows].copy()
+    out["score"] = scores_
+    return out.reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------- builders
@@ -342,7 +328,7 @@ def _summary_table(
     for label, m in rows:
         data[label] = {}
         base = base_method(m, methods) if m is not None else None
-        if m is not None and is_boosted(methods[m]) and base is None:
+        if m is not None and methods[m].boosted and base is None:
             log.info("boosted method %r has no configured base method: no Δ", m)
         for g in order:
             for k in metrics:
@@ -359,45 +345,43 @@ def _summary_table(
     return table
 
 
-def main_results(
-    scores: pd.DataFrame, methods: Methods, *, groups: Groups = None, split: str = "test"
-) -> pd.DataFrame:
+def main_results(scores: pd.DataFrame, recipe: Recipe, *, split: str = "test") -> pd.DataFrame:
     """Paper Table 1: rows Zero-shot, Finetuned and the methods (config order); columns
-    (group, Acc | Norm | ΔAcc | ΔNorm), groups by number of experts. Values in %; Δ = a
-    boosted method minus its :func:`base_method` ("" for methods without boosting or
-    without a configured base; a gap where either has no scores)."""
+    (group, Acc | Norm | ΔAcc | ΔNorm), groups by number of experts (the recipe's groups
+    without scores are gaps). Values in %; Δ = a boosted method minus its
+    :func:`base_method` ("" for methods without boosting or without a configured base; a gap
+    where either has no scores)."""
+    methods = recipe.methods
     labels = method_labels(methods)
-    deltas = any(is_boosted(meta) for meta in methods.values())
+    deltas = any(m.boosted for m in methods.values())
     return _summary_table(
         scores,
         methods,
         [(labels[m], m) for m in methods],
         ["Zero-shot", "Finetuned"],
-        groups,
+        recipe.groups,
         split,
         ("acc", "norm"),
         deltas,
     )
 
 
-def sota_comparison(
-    scores: pd.DataFrame, methods: Methods, *, groups: Groups = None, split: str = "test"
-) -> pd.DataFrame:
-    """Paper Table 4: Finetuned, then TSV-M, Iso-C, Iso-CTS and TA + LiNeS + SB (methods
-    picked by rule; a rule that is not configured is a row of gaps). Columns (group, Acc | Norm)."""
+def sota_comparison(scores: pd.DataFrame, recipe: Recipe, *, split: str = "test") -> pd.DataFrame:
+    """Paper Table 4: Finetuned, then the methods of every merge function marked ``sota`` in
+    :mod:`submerge.merges` (TSV-M, Iso-C, Iso-CTS; one not configured is a row of gaps) and
+    TA + LiNeS + SB. Columns (group, Acc | Norm)."""
+    methods = recipe.methods
     labels = method_labels(methods)
     rows: list[tuple[str, str | None]] = []
-    for rule in SOTA_RULES:
-        found = [m for m, meta in methods.items() if meta.get("rule") == rule]
-        rows += [(labels[m], m) for m in found] or [(RULE_LABELS[rule], None)]
-    ours = [
-        m
-        for m, meta in methods.items()
-        if meta.get("rule") == "task_arithmetic" and has_lines(meta) and is_boosted(meta)
-    ]
-    rows += [(labels[m], m) for m in ours] or [("TA + LiNeS + SB", None)]
+    for spec in merges.MERGES.values():
+        if spec.sota:
+            found = [m for m, meth in methods.items() if meth.merge == spec.name]
+            rows += [(labels[m], m) for m in found] or [(spec.label, None)]
+    ours = [m for m, meth in methods.items()
+            if meth.merge == "task_arithmetic" and meth.lines is not None and meth.boosted]
+    rows += [(labels[m], m) for m in ours] or [(OURS_LABEL, None)]
     return _summary_table(
-        scores, methods, rows, ["Finetuned"], groups, split, ("acc", "norm"), deltas=False
+        scores, methods, rows, ["Finetuned"], recipe.groups, split, ("acc", "norm"), deltas=False
     )
 
 
@@ -411,24 +395,18 @@ def _metric_at(
     return float(hit.iloc[0]) if len(hit) else math.nan
 
 
-def beta_ablation(
-    scores: pd.DataFrame,
-    methods: Methods,
-    *,
-    groups: Groups = None,
-    metric: str = "acc",
-    select_by: str = SELECT_BY,
-) -> pd.DataFrame:
+def beta_ablation(scores: pd.DataFrame, recipe: Recipe, *, metric: str = "acc") -> pd.DataFrame:
     """Paper Tables 3a/7: rows (Method, β) for every boosted method and every β on its
     validation grid; columns (group, val | test). ``val`` is the validation ``metric`` at
-    the α chosen for that β (by ``select_by``, see :func:`best_on_val`); ``test`` exists
-    only at the β chosen on validation (the pipeline evaluates test there), other β are
-    gaps. ``metric``: "acc" (absolute) or "norm" (normalised)."""
+    the α chosen for that β (:func:`best_on_val` per β); ``test`` exists only at the β
+    chosen on validation (the pipeline evaluates test there), other β are gaps.
+    ``metric``: "acc" (absolute) or "norm" (normalised)."""
+    methods = recipe.methods
     labels = method_labels(methods)
-    boosted = [m for m, meta in methods.items() if is_boosted(meta)]
-    best = best_on_val(scores, by=("group", "method", "beta"), select_by=select_by)
+    boosted = [m for m, meth in methods.items() if meth.boosted]
+    best = best_on_val(scores, recipe.eval.selection_metric, by=("group", "method", "beta"))
     test = grid_summary(scores, "test")
-    order = group_order(scores, groups)
+    order = group_order(scores, recipe.groups)
     data: dict[tuple[str, float], dict] = {}
     for m in boosted:
         betas = sorted(set(best.loc[best["method"] == m, "beta"].dropna().astype(float)))
@@ -443,34 +421,28 @@ def beta_ablation(
     return _frame(data, ["Method", "β"], [(g, s) for g in order for s in ("val", "test")])
 
 
-def layer_ablation(
-    scores: pd.DataFrame,
-    methods: Methods,
-    *,
-    groups: Groups = None,
-    metric: str = "acc",
-    select_by: str = SELECT_BY,
-) -> pd.DataFrame:
+def layer_ablation(scores: pd.DataFrame, recipe: Recipe, *, metric: str = "acc") -> pd.DataFrame:
     """Paper Table 3b: boosted methods that differ only in ``boost.layers`` (attn, mlp,
     both), rows (Method, Layers); columns (group, val | test) at the grid point chosen on
     validation. Empty when no such family is configured."""
-    families: dict[str, list[str]] = {}
-    for m, meta in methods.items():
-        if is_boosted(meta):
-            boost = meta["boost"] if isinstance(meta["boost"], Mapping) else {}
-            rest = {k: v for k, v in meta.items() if k not in ("boost", "label")}
-            rest["boost"] = {k: v for k, v in boost.items() if k != "layers"}
-            families.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(m)
-    best = best_on_val(scores, select_by=select_by)
+    methods = recipe.methods
+    families: dict[tuple, list[str]] = {}
+    for m, meth in methods.items():
+        if meth.boosted:
+            b = meth.boost
+            key = (meth.without_boost(), b.attn_mode, b.beta_attn, b.beta_mlp)
+            families.setdefault(key, []).append(m)
+    best = best_on_val(scores, recipe.eval.selection_metric)
     test = grid_summary(scores, "test")
-    order = group_order(scores, groups)
+    order = group_order(scores, recipe.groups)
     data: dict[tuple[str, str], dict] = {}
     for members in families.values():
-        if len({_boost_layers(methods[m]) for m in members}) < 2:
+        if len({methods[m].boost.layers for m in members}) < 2:
             continue
-        family = _auto_label(methods[members[0]])
+        first = methods[members[0]]
+        family = auto_label(first.spec, first.lines is not None, True)
         for m in members:
-            data[(family, _boost_layers(methods[m]))] = {
+            data[(family, methods[m].boost.layers)] = {
                 (g, split): _metric_at(best if split == "val" else test, g, m, None, metric)
                 for g in order
                 for split in ("val", "test")
@@ -489,11 +461,12 @@ def _frame(data: Mapping, index_names: Sequence[str], columns: Sequence[tuple]) 
 
 
 def per_task_accuracy(
-    scores: pd.DataFrame, methods: Methods, *, group: str | None = None, split: str = "test"
+    scores: pd.DataFrame, recipe: Recipe, *, group: str | None = None, split: str = "test"
 ) -> pd.DataFrame:
     """Appendix tables: rows tasks (+ "Average"), columns Zero-shot, Finetuned and the
     methods; accuracy in %. One group, or all groups with index (group, task) when
     ``group`` is None. The average is a gap where any task is missing."""
+    methods = recipe.methods
     df = _prepare_scores(scores)
     tasks = _group_tasks(df)
     if group is not None and group not in tasks:
@@ -520,10 +493,12 @@ def per_task_accuracy(
     return table
 
 
-def expert_selection(selection: pd.DataFrame, *, split: str = "test") -> pd.DataFrame:
+def expert_selection(selection: pd.DataFrame, recipe: Recipe | None = None, *,
+                     split: str = "test") -> pd.DataFrame:
     """Paper Tables 5/10: rows Random / HO-GSVD (with the number of draws), columns
     (Pool | Ext | All, mean | std): per draw the mean accuracy (%) over the task set's
-    tasks, then mean and sample std over draws ("" for a single draw)."""
+    tasks, then mean and sample std over draws ("" for a single draw). The recipe is not
+    needed (the registry's calling convention passes it)."""
     require_columns(selection, SELECTION_COLUMNS, "selection")
     sub = selection.loc[selection["split"] == split]
     per_draw = (
@@ -557,24 +532,20 @@ def expert_selection(selection: pd.DataFrame, *, split: str = "test") -> pd.Data
     return table
 
 
-def timing_table(timing: pd.DataFrame, methods: Methods, *, groups: Groups = None) -> pd.DataFrame:
-    """Paper Table 6: rows methods (config order), columns (group, Time (s) | Max RSS (MB)).
-    Repeated benchmarks of one rule are averaged; time is summed over a method's rules,
-    memory is the maximum over them. Rows of unconfigured methods are ignored."""
+def timing_table(timing: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
+    """Paper Table 6: rows methods (config order), columns (group, Time (s) | Max RSS (MB)),
+    groups as in :func:`group_order` with the recipe's groups. Repeated benchmarks of one
+    (method, group) are averaged. Rows of unconfigured methods are ignored."""
     require_columns(timing, TIMING_COLUMNS, "timing")
+    methods = recipe.methods
     labels = method_labels(methods)
     known = timing.loc[timing["method"].isin(list(methods))]
-    per_rule = (
-        known.groupby(["method", "group", "rule"], sort=False)[["seconds", "max_rss_mb"]]
+    total = (
+        known.groupby(["method", "group"], sort=False)[["seconds", "max_rss_mb"]]
         .mean()
         .reset_index()
     )
-    total = (
-        per_rule.groupby(["method", "group"], sort=False)
-        .agg(seconds=("seconds", "sum"), max_rss_mb=("max_rss_mb", "max"))
-        .reset_index()
-    )
-    order = group_order(timing, groups)
+    order = group_order(timing, recipe.groups)
     data = {}
     for m in methods:
         data[labels[m]] = {}

@@ -1,0 +1,7 @@
+"""Snakemake script: alignment matrices and subspace importance of one group's HO-GSVD cache (see submerge.stages.report.hogsvd_summary)."""
+from submerge.logs import setup_logging
+from submerge.stages.report import hogsvd_summary
+
+setup_logging(snakemake.log[0])
+hogsvd_summary(snakemake.input.hogsvd, snakemake.input.taskvectors, snakemake.params.group,
+               snakemake.output[0])

@@ -1,0 +1,551 @@
+"""The recipe: the validated config parsed once into small typed objects (torch-free).
+
+``workflow/rules/common.smk``, the stage functions (:mod:`submerge.stages`) and the report
+(:mod:`submerge.report`) all read the config through these objects:
+
+* :class:`Suite`  -- one base model and its experts (name, adapter, architecture, root);
+* :class:`Method` -- a merge function (:mod:`submerge.merges`) with its hyperparameters,
+  optional LiNeS (:class:`Lines`), optional Subspace Boosting (:class:`Boost`), its α and β
+  lists, its groups and its label;
+* :class:`GridPoint` -- one (α, β), with the one codec between a point and its path;
+* :func:`choose_point` -- the one choice of (α, β) on validation.
+
+A job's params are the ``to_params()`` dicts of these objects (plain, JSON-like data, so that
+Snakemake's params rerun trigger sees exactly what determines the job's result); a stage
+function turns them back with ``from_params``. Every default is defined here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from submerge import merges
+from submerge.errors import ConfigError
+
+# ----------------------------------------------------------------------------- defaults
+
+SELECTION_METRICS = ("normalized", "absolute")
+DEFAULT_SELECTION_METRIC = "normalized"
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_CONSENSUS_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_HOGSVD_PI = 1e-2
+BOOST_LAYERS = ("attn", "mlp", "both")
+ATTN_MODES = ("per_qkv", "full", "none")
+LINES_NORM = "norm"  # LiNeS' base scale from the reference's norm ratio
+# Accuracies are compared (and written to scores.csv) at this many significant digits, so that
+# a choice made from the grid files and one made from scores.csv are the same choice.
+SCORE_DIGITS = 6
+
+# config keys that describe the workflow rather than the suite; every other key is the suite's
+WORKFLOW_KEYS = ("groups", "methods", "grid", "eval", "experiments", "consensus_lambdas",
+                 "hogsvd", "device", "gpu", "save_merged")
+
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_name(value: Any, where: str) -> str:
+    """A name used in paths: letters, digits, '_' and '-' only (no newline, no '/')."""
+    if not isinstance(value, str) or NAME.fullmatch(value) is None:
+        raise ConfigError(f"config field {where}: {value!r} is not a valid name "
+                          "(letters, digits, '_' and '-' only)")
+    return value
+
+
+def _finite(value: Any, where: str, *, lo: float, hi: float | None = None, lo_open: bool,
+            hi_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"config field {where}: must be a finite number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or (
+            hi is not None and (value > hi or (hi_open and value == hi))):
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
+        raise ConfigError(f"config field {where}: {value!r} is outside {bounds}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- grid points
+
+
+def encode_value(x: float) -> str:
+    """A grid value in a path: the shortest text that reads back to exactly ``x``
+    (``0.1`` → ``'0.1'``, ``1.0`` → ``'1'``, ``1e-07`` → ``'1e-07'``). Two different values
+    never share a text; :func:`decode_value` inverts it exactly."""
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"grid value {x!r} is not finite")
+    text = repr(x)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def decode_value(text: str) -> float:
+    return float(text)
+
+
+# the texts encode_value writes (Snakemake wildcard constraints)
+VALUE_PATTERN = r"[0-9]+(?:\.[0-9]+)?(?:e[-+][0-9]+)?"
+NO_BETA = "none"
+
+
+@dataclass(frozen=True, order=True)
+class GridPoint:
+    """One (α, β) of a method's grid; ``beta`` is None for a method without boosting."""
+
+    alpha: float
+    beta: float | None
+
+    @property
+    def name(self) -> str:
+        """The point in a path: ``a{α}_b{β}`` (``b{none}`` without boosting)."""
+        beta = NO_BETA if self.beta is None else encode_value(self.beta)
+        return f"a{encode_value(self.alpha)}_b{beta}"
+
+    @classmethod
+    def parse(cls, name: str) -> "GridPoint":
+        m = re.fullmatch(rf"a({VALUE_PATTERN})_b({VALUE_PATTERN}|{NO_BETA})", name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a grid point name (a<alpha>_b<beta>)")
+        beta = None if m.group(2) == NO_BETA else decode_value(m.group(2))
+        return cls(decode_value(m.group(1)), beta)
+
+
+def score_value(x: float) -> float:
+    """``x`` at the precision the scores are compared and stored at (:data:`SCORE_DIGITS`)."""
+    return float(f"{x:.{SCORE_DIGITS}g}")
+
+
+def validation_score(accuracy: Mapping[str, float], expert_accuracy: Mapping[str, float],
+                     metric: str = DEFAULT_SELECTION_METRIC) -> float:
+    """The score a grid point is chosen by: the mean over tasks of the validation accuracy,
+    divided by each expert's own validation accuracy (``"normalized"``, the reference's
+    criterion) or not (``"absolute"``). Accuracies are taken at :data:`SCORE_DIGITS` digits
+    and summed exactly (``math.fsum``), so the task order does not matter."""
+    if metric not in SELECTION_METRICS:
+        raise ConfigError(f"config field eval.selection_metric: {metric!r} is not one of "
+                          f"{list(SELECTION_METRICS)}")
+    if not accuracy:
+        raise ValueError("a grid point without accuracies cannot be scored")
+    if metric == "absolute":
+        vals = [score_value(a) for a in accuracy.values()]
+    else:
+        vals = []
+        for task, acc in accuracy.items():
+            ref = score_value(expert_accuracy[task])
+            vals.append(score_value(acc) / ref if ref > 0 else math.nan)
+    return math.fsum(vals) / len(vals)
+
+
+def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
+                 expert_accuracy: Mapping[str, float],
+                 metric: str = DEFAULT_SELECTION_METRIC) -> tuple[GridPoint, float]:
+    """The (α, β) chosen on validation, with its score: the highest
+    :func:`validation_score`; ties go to the smaller α, then the smaller β (no β first).
+    ``points``: (grid point, validation accuracy per task). Used for the test evaluation, the
+    expert-selection experiment and every table."""
+    best = None
+    for point, accuracy in points:
+        score = validation_score(accuracy, expert_accuracy, metric)
+        key = (-score if score == score else math.inf, point.alpha,
+               -math.inf if point.beta is None else point.beta)
+        if best is None or key < best[0]:
+            best = (key, point, score)
+    if best is None:
+        raise ValueError("no grid points to choose from")
+    return best[1], best[2]
+
+
+# ------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Boost:
+    """Subspace Boosting of a method: which layers, how attention is split, and a β fixed per
+    layer kind (``None``: the grid's β)."""
+
+    layers: str = "both"
+    attn_mode: str = "per_qkv"
+    beta_attn: float | None = None
+    beta_mlp: float | None = None
+
+    @classmethod
+    def parse(cls, cfg: Mapping | None, where: str) -> "Boost":
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - {"layers", "attn_mode", "beta_attn", "beta_mlp"}
+        if unknown:
+            raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown boost setting")
+        layers, mode = cfg.get("layers", cls.layers), cfg.get("attn_mode", cls.attn_mode)
+        if layers not in BOOST_LAYERS:
+            raise ConfigError(f"config field {where}.layers: {layers!r} is not one of {list(BOOST_LAYERS)}")
+        if mode not in ATTN_MODES:
+            raise ConfigError(f"config field {where}.attn_mode: {mode!r} is not one of {list(ATTN_MODES)}")
+        fixed = {k: None if cfg.get(k) is None else
+                 _finite(cfg[k], f"{where}.{k}", lo=0.0, hi=1.0, lo_open=False)
+                 for k in ("beta_attn", "beta_mlp")}
+        return cls(layers=layers, attn_mode=mode, **fixed)
+
+    def betas(self, beta: float | None) -> dict[str, float | None]:
+        """β per layer kind at the grid's ``beta`` (None: no boosting at all)."""
+        if beta is None:
+            return {"attn": None, "mlp": None}
+        return {"attn": beta if self.beta_attn is None else self.beta_attn,
+                "mlp": beta if self.beta_mlp is None else self.beta_mlp}
+
+    def to_params(self) -> dict:
+        out = {"layers": self.layers, "attn_mode": self.attn_mode}
+        out.update({k: v for k, v in (("beta_attn", self.beta_attn), ("beta_mlp", self.beta_mlp))
+                    if v is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class Lines:
+    """LiNeS layer scaling: block l of L is scaled by ``scale + slope·l/(L−1)``; ``scale`` is a
+    number or ``"norm"`` (the reference's ‖Σ_t τ_t‖₁ / ‖τ_merged‖₁ / T)."""
+
+    scale: float | str = LINES_NORM
+    slope: float = 0.5
+
+    @classmethod
+    def parse(cls, cfg: Mapping | None, where: str) -> "Lines":
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - {"scale", "slope"}
+        if unknown:
+            raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown LiNeS setting "
+                              "(LiNeS takes 'scale' and 'slope')")
+        scale = cfg.get("scale", cls.scale)
+        if scale != LINES_NORM:
+            scale = _finite(scale, f"{where}.scale", lo=0.0, lo_open=True, hi=None)
+        slope = _finite(cfg.get("slope", cls.slope), f"{where}.slope", lo=0.0, lo_open=False, hi=None)
+        return cls(scale=scale, slope=slope)
+
+    def to_params(self) -> dict:
+        return {"scale": self.scale, "slope": self.slope}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named method of the config: a merge function with its hyperparameters (config
+    names, defaults filled in), then LiNeS, then Subspace Boosting, each optional."""
+
+    name: str
+    merge: str
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+    lines: Lines | None = None
+    boost: Boost | None = None
+    alphas: tuple[float, ...] = ()
+    betas: tuple[float | None, ...] = (None,)
+    groups: tuple[str, ...] = ()
+    label: str = ""
+
+    @property
+    def spec(self) -> merges.MergeSpec:
+        return merges.get(self.merge, f"methods.{self.name}.merge")
+
+    @property
+    def boosted(self) -> bool:
+        return self.boost is not None
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Extra inputs of the merge (:data:`submerge.merges.EXTRA_INPUTS`)."""
+        return self.spec.needs
+
+    def grid(self) -> list[GridPoint]:
+        """Every (α, β) of the method, α outer, in config order."""
+        return [GridPoint(a, b) for a in self.alphas for b in self.betas]
+
+    def merge_kwargs(self) -> dict[str, Any]:
+        return self.spec.kwargs(dict(self.hyper))
+
+    def without_boost(self) -> tuple:
+        """What identifies the method apart from boosting and its label (a boosted method is
+        compared against the unboosted method with the same settings)."""
+        return (self.merge, tuple(sorted(self.hyper.items())), self.lines)
+
+    def to_params(self) -> dict:
+        """What determines the method's Δ_merge (its merged cache): not its grid, groups or
+        label, so that adding a grid point or a group leaves the merged caches alone."""
+        out: dict[str, Any] = {"name": self.name, "merge": self.merge, "hyper": dict(self.hyper)}
+        if self.lines is not None:
+            out["lines"] = self.lines.to_params()
+        if self.boost is not None:
+            out["boost"] = self.boost.to_params()
+        return out
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "Method":
+        where = f"methods.{params['name']}"
+        return cls(name=params["name"], merge=params["merge"], hyper=dict(params.get("hyper", {})),
+                   lines=None if "lines" not in params else Lines.parse(params["lines"], f"{where}.lines"),
+                   boost=None if "boost" not in params else Boost.parse(params["boost"], f"{where}.boost"))
+
+
+_METHOD_KEYS = ("merge", "label", "groups", "lines", "boost", "alpha", "beta")
+
+
+def _values(values: Any, where: str, *, beta: bool) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"config field {where}: must be a non-empty list of numbers")
+    out = []
+    for i, v in enumerate(values):
+        if beta:
+            out.append(_finite(v, f"{where}[{i}]", lo=0.0, hi=1.0, lo_open=False))
+        else:
+            out.append(_finite(v, f"{where}[{i}]", lo=0.0, hi=None, lo_open=True))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"config field {where}: repeated value {next(v for v in out if out.count(v) > 1)!r}")
+    return tuple(out)
+
+
+def parse_method(name: str, cfg: Mapping, grid: Mapping, groups: Sequence[str]) -> Method:
+    where = f"methods.{check_name(name, 'methods')}"
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"config field {where}: expected a mapping")
+    if "merge" not in cfg:
+        raise ConfigError(f"config field {where}.merge: required (one of {sorted(merges.MERGES)})")
+    spec = merges.get(cfg["merge"], f"{where}.merge")
+    hyper = spec.check_hyper({k: v for k, v in cfg.items() if k not in _METHOD_KEYS}, where)
+    boosted = cfg.get("boost") is not None or "boost" in cfg
+    if "beta" in cfg and not boosted:
+        raise ConfigError(f"config field {where}.beta: a β list on a method without 'boost' "
+                          "would be ignored; remove it or add boost: {}")
+    method_groups = tuple(cfg.get("groups", groups))
+    for i, g in enumerate(method_groups):
+        if g not in groups:
+            raise ConfigError(f"config field {where}.groups[{i}]: unknown group {g!r}")
+    lines = Lines.parse(cfg["lines"], f"{where}.lines") if "lines" in cfg else None
+    boost = Boost.parse(cfg["boost"], f"{where}.boost") if boosted else None
+    alphas = _values(cfg.get("alpha", grid["alpha"]), f"{where}.alpha" if "alpha" in cfg else "grid.alpha",
+                     beta=False)
+    betas: tuple[float | None, ...] = (None,)
+    if boosted:
+        betas = _values(cfg.get("beta", grid["beta"]), f"{where}.beta" if "beta" in cfg else "grid.beta",
+                        beta=True)
+    label = cfg.get("label") or auto_label(spec, lines is not None, boosted)
+    return Method(name=name, merge=spec.name, hyper=hyper, lines=lines, boost=boost, alphas=alphas,
+                  betas=betas, groups=method_groups, label=str(label))
+
+
+def auto_label(spec: merges.MergeSpec, lines: bool, boosted: bool) -> str:
+    """"TA + LiNeS + SB": the merge function's label with the steps applied after it."""
+    return spec.label + (" + LiNeS" if lines else "") + (" + SB" if boosted else "")
+
+
+# --------------------------------------------------------------------------------- suite
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One base model and its experts. ``view`` is the plain config of the suite (every key
+    that is not a workflow key), restricted to the experts a job depends on; data loaders read
+    it as it is."""
+
+    name: str
+    adapter: str
+    view: Mapping[str, Any]
+
+    @property
+    def root(self) -> Path:
+        return Path("results") / self.name
+
+    @property
+    def experts(self) -> Mapping[str, Mapping]:
+        return self.view.get("experts", {})
+
+    @property
+    def base(self) -> Mapping:
+        return self.view["base"]
+
+    @property
+    def arch(self) -> dict:
+        """The architecture the adapter builds: ``arch`` from the config, else the digits
+        default (digits suites)."""
+        if self.view.get("arch"):
+            return dict(self.view["arch"])
+        if is_digits(self.base):
+            from submerge.suites.digits_config import resolve_config
+
+            return dict(resolve_config(self.view.get("digits"))["arch"])
+        raise ConfigError("config field arch: required for suites whose base is downloaded")
+
+    @classmethod
+    def from_params(cls, view: Mapping) -> "Suite":
+        return cls(name=view["suite"], adapter=view["adapter"], view=dict(view))
+
+
+def is_digits(spec: Mapping) -> bool:
+    """A model spec built by the embedded digits suite (``build: digits``)."""
+    return spec.get("build") == "digits"
+
+
+# ------------------------------------------------------------------------ other settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How models are evaluated. Only ``max_*_examples`` change results; ``batch_size`` and
+    the device do not."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_val_examples: int | None = None
+    max_test_examples: int | None = None
+    selection_metric: str = DEFAULT_SELECTION_METRIC
+    device: str = "auto"
+
+    def max_examples(self, split: str) -> int | None:
+        return self.max_val_examples if split == "val" else self.max_test_examples
+
+    def to_params(self) -> dict:
+        return {"batch_size": self.batch_size, "max_val_examples": self.max_val_examples,
+                "max_test_examples": self.max_test_examples,
+                "selection_metric": self.selection_metric, "device": self.device}
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "EvalSettings":
+        return cls(**params)
+
+
+@dataclass(frozen=True)
+class SelectionExperiment:
+    """Expert selection (paper Tables 5/10): ``n_select`` candidates of ``universe`` picked
+    next to the ``pool`` by the HO-GSVD alignment (``strategy``) vs ``draws`` random picks;
+    ``ext`` experts are held out (scored, never merged)."""
+
+    universe: str
+    pool: tuple[str, ...]
+    ext: tuple[str, ...]
+    n_select: int
+    method: str
+    draws: int = 10
+    seed: int = 0
+    strategy: str = "greedy"
+
+    def to_params(self) -> dict:
+        return {"universe": self.universe, "pool": list(self.pool), "ext": list(self.ext),
+                "n_select": self.n_select, "method": self.method, "draws": self.draws,
+                "seed": self.seed, "strategy": self.strategy}
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "SelectionExperiment":
+        return cls(**{**params, "pool": tuple(params["pool"]), "ext": tuple(params["ext"])})
+
+
+@dataclass(frozen=True)
+class HOGSVDSettings:
+    pi: float = DEFAULT_HOGSVD_PI
+    layers: str = "both"
+
+
+# -------------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    suite: Suite
+    groups: Mapping[str, tuple[str, ...]]
+    methods: Mapping[str, Method]
+    eval: EvalSettings
+    selection: SelectionExperiment | None
+    consensus_lambdas: tuple[float, ...]
+    hogsvd: HOGSVDSettings
+    gpu: bool = True
+    save_merged: bool = False
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.suite.experts)
+
+    def members(self, group: str) -> list[str]:
+        return list(self.groups[group])
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (group, method) that is merged and evaluated, groups outer."""
+        return [(g, m) for g in self.groups for m, meth in self.methods.items() if g in meth.groups]
+
+    def largest_group(self) -> str:
+        return max(self.groups, key=lambda g: len(self.groups[g]))
+
+    def suite_view(self, experts: Iterable[str] = ()) -> dict:
+        """The suite's config restricted to ``experts`` (a job's params: adding an expert
+        must not make the other experts' jobs stale)."""
+        view = {k: v for k, v in self.suite.view.items() if k != "experts"}
+        view["experts"] = {e: self.suite.experts[e] for e in experts}
+        return view
+
+
+def parse_config(cfg: Mapping) -> Recipe:
+    """The recipe of a config that passed the JSON schema; ConfigError naming the field for
+    everything the schema cannot say."""
+    suite_name = check_name(cfg.get("suite"), "suite")
+    experts = cfg["experts"]
+    for name, spec in experts.items():
+        check_name(name, "experts")
+        if ("build" in spec) == ("source" in spec):
+            raise ConfigError(f"config field experts.{name}: give exactly one of 'build' or 'source'")
+        if is_digits(spec):
+            from submerge.suites.digits_config import TASK_NAMES
+
+            if "task" not in spec:
+                raise ConfigError(f"config field experts.{name}.task: a digits expert needs 'task'")
+            if spec["task"] not in TASK_NAMES:
+                raise ConfigError(f"config field experts.{name}.task: unknown digits task "
+                                  f"{spec['task']!r} (known: {', '.join(TASK_NAMES)})")
+    groups: dict[str, tuple[str, ...]] = {}
+    for group, members in cfg["groups"].items():
+        check_name(group, "groups")
+        for i, member in enumerate(members):
+            if member not in experts:
+                raise ConfigError(f"config field groups.{group}[{i}]: unknown expert {member!r} "
+                                  f"(known: {', '.join(sorted(experts))})")
+        groups[group] = tuple(members)
+    methods = {name: parse_method(name, m, cfg["grid"], list(groups))
+               for name, m in cfg["methods"].items()}
+    ev = dict(cfg.get("eval") or {})
+    eval_settings = EvalSettings(
+        batch_size=ev.get("batch_size", DEFAULT_BATCH_SIZE),
+        max_val_examples=ev.get("max_val_examples"), max_test_examples=ev.get("max_test_examples"),
+        selection_metric=ev.get("selection_metric", DEFAULT_SELECTION_METRIC),
+        device=cfg.get("device", "auto"))
+    if eval_settings.selection_metric not in SELECTION_METRICS:
+        raise ConfigError(f"config field eval.selection_metric: {eval_settings.selection_metric!r} "
+                          f"is not one of {list(SELECTION_METRICS)}")
+    selection = _parse_selection(cfg, groups, methods)
+    lambdas = _values(cfg.get("consensus_lambdas", DEFAULT_CONSENSUS_LAMBDAS), "consensus_lambdas",
+                      beta=False)
+    hog = dict(cfg.get("hogsvd") or {})
+    hogsvd = HOGSVDSettings(pi=_finite(hog.get("pi", DEFAULT_HOGSVD_PI), "hogsvd.pi", lo=0.0,
+                                       lo_open=False, hi=None),
+                            layers=hog.get("layers", "both"))
+    suite_view = {k: v for k, v in cfg.items() if k not in WORKFLOW_KEYS}
+    return Recipe(suite=Suite(name=suite_name, adapter=cfg["adapter"], view=suite_view),
+                  groups=groups, methods=methods, eval=eval_settings, selection=selection,
+                  consensus_lambdas=lambdas, hogsvd=hogsvd, gpu=bool(cfg.get("gpu", True)),
+                  save_merged=bool(cfg.get("save_merged", False)))
+
+
+def _parse_selection(cfg: Mapping, groups: Mapping, methods: Mapping[str, Method]):
+    sel = (cfg.get("experiments") or {}).get("selection")
+    if not sel:
+        return None
+    where = "config field experiments.selection"
+    if sel["universe"] not in groups:
+        raise ConfigError(f"{where}.universe: unknown group {sel['universe']!r}")
+    if sel["method"] not in methods:
+        raise ConfigError(f"{where}.method: unknown method {sel['method']!r}")
+    if methods[sel["method"]].needs:
+        raise ConfigError(f"{where}.method: {sel['method']!r} needs {list(methods[sel['method']].needs)} "
+                          "per selection; use a method whose merge needs no extra inputs")
+    universe = groups[sel["universe"]]
+    for field_name in ("pool", "ext"):
+        for e in sel.get(field_name, []):
+            if e not in universe:
+                raise ConfigError(f"{where}.{field_name}: {e!r} is not in group {sel['universe']!r}")
+    n_cand = len(universe) - len(sel["pool"]) - len(sel.get("ext", []))
+    if sel["n_select"] > n_cand:
+        raise ConfigError(f"{where}.n_select: {sel['n_select']} > number of candidates ({n_cand})")
+    return SelectionExperiment(universe=sel["universe"], pool=tuple(sel["pool"]),
+                               ext=tuple(sel.get("ext", [])), n_select=int(sel["n_select"]),
+                               method=sel["method"], draws=int(sel.get("draws", 10)),
+                               seed=int(sel.get("seed", 0)), strategy=sel.get("strategy", "greedy"))
