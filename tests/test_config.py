@@ -49,7 +49,7 @@ def test_beta_must_be_below_one(tmp_path):
 
 def test_unknown_method_rule(tmp_path):
     cfg = load_tiny()
-    cfg["methods"]["bogus"] = {"rule": "no_such_rule"}
+    cfg["methods"]["bogus"] = {"merge": "no_such_rule"}
     out = _fails(tmp_path, cfg)
     assert "no_such_rule" in out
 

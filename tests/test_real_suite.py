@@ -139,8 +139,8 @@ def _make_inputs(root: Path) -> tuple[dict, object, object]:
         "zeroshot_model": {"source": dict(base_source)},
         "experts": experts,
         "groups": {"all": list(EXPERTS)},
-        "methods": {"ta": {"rule": "task_arithmetic"},
-                    "ta_sb": {"rule": "task_arithmetic", "boost": {}}},
+        "methods": {"ta": {"merge": "task_arithmetic"},
+                    "ta_sb": {"merge": "task_arithmetic", "boost": {}}},
         "grid": {"alpha": [0.5, 1.0], "beta": [0.0]},
         "eval": {"batch_size": 16},
         "device": "cpu",
@@ -241,12 +241,14 @@ def test_sha256_mismatch_fails_the_expert_job(tmp_path, real_run):
 def test_zero_shot_head_needs_the_text_tower(real_run):
     """A vision-only checkpoint as zeroshot_model is refused, not loaded with a random text tower."""
     from submerge.errors import CheckpointError
-    from submerge.pipeline import zero_shot_head_for_suite
+    from submerge.recipe import parse_config
+    from submerge.stages.checkpoints import zero_shot_head_for_suite
 
     _, cfg, _, _ = real_run
-    suite = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(cfg)
     vision_only = cfg["experts"]["e0"]["source"]["path"]
-    suite["zeroshot_model"] = {"source": {"path": vision_only}}
+    cfg["zeroshot_model"] = {"source": {"path": vision_only}}
+    suite = parse_config(cfg).suite
     with pytest.raises(CheckpointError, match="text_model") as info:
         zero_shot_head_for_suite(suite, "e0")
     assert vision_only in str(info.value)
