@@ -15,12 +15,20 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
 include: "workflow/rules/checkpoints.smk"
-include: "workflow/rules/taskvectors.smk"
+include: "workflow/rules/evaldata.smk"
 include: "workflow/rules/spectra.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/selection.smk"
 include: "workflow/rules/report.smk"
+
+
+onstart:
+    lock_suite()  # one run per suite at a time
+    # temporary files that a killed job left behind (never those of a running writer)
+    clean_stale_temporaries(R)
 
 
 rule all:

@@ -3,5 +3,5 @@ from submerge.logs import setup_logging
 from submerge.recipe import Suite
 from submerge.stages.checkpoints import build_base
 
-setup_logging(snakemake.log[0])
+setup_logging(snakemake.log[0], snakemake.threads)
 build_base(Suite.from_params(snakemake.params.suite), snakemake.output.model)

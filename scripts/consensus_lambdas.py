@@ -3,8 +3,9 @@ from submerge.logs import setup_logging
 from submerge.recipe import EvalSettings, Suite
 from submerge.stages.merge import choose_tall_lambdas
 
-setup_logging(snakemake.log[0])
+setup_logging(snakemake.log[0], snakemake.threads)
 p = snakemake.params
 choose_tall_lambdas(Suite.from_params(p.suite), p.experts, snakemake.input.base,
                     snakemake.input.taskvectors, p.lambdas, snakemake.output[0],
-                    EvalSettings.from_params(p.eval))
+                    EvalSettings.from_params(p.eval, snakemake.config),
+                    list(snakemake.input.get("evaldata", [])))

@@ -5,7 +5,7 @@ from submerge.logs import setup_logging
 from submerge.recipe import parse_config
 from submerge.report.build import build_figures, check_outputs, named_inputs
 
-setup_logging(snakemake.log[0])
+setup_logging(snakemake.log[0], snakemake.threads)
 config = snakemake.params.config
 written = build_figures(named_inputs(snakemake.input), parse_config(config),
                         Path(snakemake.output[0]).parent, config=config)

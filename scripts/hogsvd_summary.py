@@ -2,6 +2,6 @@
 from submerge.logs import setup_logging
 from submerge.stages.report import hogsvd_summary
 
-setup_logging(snakemake.log[0])
+setup_logging(snakemake.log[0], snakemake.threads)
 hogsvd_summary(snakemake.input.hogsvd, snakemake.input.taskvectors, snakemake.params.group,
                snakemake.output[0])

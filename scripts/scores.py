@@ -2,6 +2,6 @@
 from submerge.logs import setup_logging
 from submerge.stages.evaluate import aggregate_scores
 
-setup_logging(snakemake.log[0])
-aggregate_scores(snakemake.params.suite, snakemake.params.groups, snakemake.input.grid,
-                 snakemake.input.test, snakemake.input.references, snakemake.output[0])
+setup_logging(snakemake.log[0], snakemake.threads)
+aggregate_scores(snakemake.params.suite, snakemake.params.groups, snakemake.params.points,
+                 snakemake.input.test, snakemake.input.references, snakemake.output.scores)

@@ -371,11 +371,76 @@ def test_hf_clip_image_transform_is_clip_image_processor(arch, size):
         assert torch.equal(image_transform({"adapter": "hf_clip_vision", "arch": arch})(image), expected)
 
 
+def _reference_transform(name, size):
+    """The library's own evaluation transform of each CLIP adapter (what image_transform was)."""
+    if name == "open_clip_vit":
+        import open_clip
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        return open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("name, arch, size", [
+    ("open_clip_vit", TINY_VIT, 16), ("open_clip_vit", {"model": "ViT-B-32"}, 224),
+    ("hf_clip_vision", _clip_vision_config(), 16), ("hf_clip_vision", {}, 224),
+])
+def test_image_geometry_then_tensor_is_the_library_transform(name, arch, size):
+    import numpy as np
+    import PIL.Image
+
+    adapter = get_adapter(name)
+    reference = _reference_transform(name, size)
+    geometry, tensor = adapter.image_geometry(arch), adapter.image_tensor(arch)
+    rs = np.random.RandomState(3)
+    images = []
+    for i in range(12):  # non-square, smaller and larger than S, RGB and grayscale
+        h, w = rs.randint(size // 2, 2 * size + 40, 2)
+        shape = (h, w) if i % 4 == 0 else (h, w, 3)
+        images.append(PIL.Image.fromarray(rs.randint(0, 256, shape).astype(np.uint8)).convert("RGB"))
+    arrays = [geometry(image) for image in images]
+    assert all(a.dtype == np.uint8 and a.shape == (size, size, 3) for a in arrays)
+    expected = torch.stack([reference(image) for image in images])
+    batch = tensor(torch.from_numpy(np.stack(arrays)))
+    assert batch.dtype == torch.float32 and batch.shape == (12, 3, size, size) and batch.is_contiguous()
+    assert torch.equal(batch, expected)
+    composed = adapter.image_transform(arch)
+    assert all(torch.equal(composed(image), want) for image, want in zip(images, expected))
+
+
+def test_image_tensor_table():
+    import pickle
+
+    import numpy as np
+
+    from submerge.models import ImageTensor
+
+    oc = get_adapter("open_clip_vit").image_tensor(TINY_VIT)
+    assert oc.lut.shape == (3, 256) and oc.lut.dtype == torch.float32
+    again = pickle.loads(pickle.dumps(oc))  # DataLoader workers
+    x = torch.randint(0, 256, (2, 5, 4, 3), dtype=torch.uint8)
+    assert torch.equal(again(x), oc(x))
+    for bad in (x.float(), x[0], x[..., :2]):
+        with pytest.raises(ValueError, match=r"uint8 \(B, H, W, 3\)"):
+            oc(bad)
+    mean = lambda a: torch.from_numpy(a).permute(2, 0, 1).float() - float(a.mean())  # noqa: E731 - not per value
+    with pytest.raises(RuntimeError, match="not a per-channel function"):
+        ImageTensor.from_reference(mean, "mean-centred")
+    with pytest.raises(RuntimeError, match="expected float32"):
+        ImageTensor.from_reference(lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))), "uint8")
+
+
 def test_image_preprocessing_errors():
     with pytest.raises(ConfigError, match="adapter 'hf_t5' has no image preprocessing"):
         get_adapter("hf_t5").image_transform({})
     with pytest.raises(ConfigError, match="adapter 'hf_t5' has no image preprocessing"):
         get_adapter("hf_t5").image_size({})
+    for part in ("image_geometry", "image_tensor"):
+        with pytest.raises(ConfigError, match="adapter 'hf_t5' has no image preprocessing"):
+            getattr(get_adapter("hf_t5"), part)({})
     oc, hf = get_adapter("open_clip_vit"), get_adapter("hf_clip_vision")
     with pytest.raises(ConfigError, match="must be square"):
         oc.image_size({**TINY_VIT, "image_size": [16, 8]})

@@ -1,17 +1,18 @@
 """Code boundaries: architecture knowledge stays in submerge.models; no import cycles between
 the packages data, suites, models and the evaluate module.
 
-Both checks read the source (regexes and ``ast``), so they also see imports inside functions.
+Both checks read the source (regexes, and ``ast`` through submerge.fingerprint, the parser that
+also decides which jobs a code change reruns), so they also see imports inside functions.
 """
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 
+from submerge.fingerprint import imported_modules
 from submerge.models import _ADAPTERS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "submerge"
@@ -61,28 +62,13 @@ def _node(module: str) -> str | None:
     return parts[1] if parts[0] == "submerge" and len(parts) > 1 else None
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, at module level or inside functions, as absolute names."""
-    package = list(path.relative_to(SRC.parent).parts[:-1])  # the package the file is in
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            out.add(module)
-            out.update(f"{module}.{alias.name}" for alias in node.names)  # from pkg import submodule
-    return out
-
-
 def _package_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in SRC.rglob("*.py"):
         src = _node(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
         if src is None:
             continue
-        targets = {_node(m) for m in _imports(path)} - {None, src}
+        targets = {_node(m) for m in imported_modules(path)} - {None, src}
         graph.setdefault(src, set()).update(targets)
     return graph
 

@@ -160,3 +160,64 @@ def test_save_normalized_checks(tmp_path):
     with pytest.raises(CheckpointError, match=r"y\.json"):
         load_normalized(path)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- unreadable normalised checkpoints name the file and the rule to rerun ------------------
+
+@pytest.mark.parametrize("where, rule", [("models/base.safetensors", "base_model"),
+                                         ("models/experts/mnist.safetensors", "expert_model")])
+@pytest.mark.parametrize("sidecar", ["{not json", "", "\xff\xfe", "[1, 2]"])
+def test_load_normalized_garbage_sidecar(tmp_path, where, rule, sidecar):
+    path = tmp_path / where
+    save_normalized(_sd(), path, {"suite": "s"})
+    path.with_suffix(".json").write_bytes(sidecar.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=rf"{path.stem}\.json.*delete .*{path.name} and rerun "
+                                              rf"\(rule {rule}\)"):
+        load_normalized(path)
+
+
+@pytest.mark.parametrize("where, rule", [("models/base.safetensors", "base_model"),
+                                         ("models/experts/mnist.safetensors", "expert_model")])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_load_normalized_truncated_or_garbage_safetensors(tmp_path, where, rule, damage):
+    path = tmp_path / where
+    save_normalized(_sd(), path, {"suite": "s"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 16)
+    message = rf"{path.name}.*delete .*{path.name} and rerun \(rule {rule}\)"
+    with pytest.raises(CheckpointError, match=message):  # hash mismatch
+        load_normalized(path)
+    with pytest.raises(CheckpointError, match=message):  # unreadable
+        load_normalized(path, verify=False)
+    # a sidecar whose hash matches the damaged file: the reader still names it
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**sidecar, "sha256": sha256_file(path)}))
+    with pytest.raises(CheckpointError, match=message):
+        load_normalized(path)
+
+
+def test_load_normalized_rule_from_the_sidecar(tmp_path):
+    path = tmp_path / "elsewhere" / "m.safetensors"
+    save_normalized(_sd(), path, {"model": "base"})
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=r"rerun \(rule base_model\)"):
+        load_normalized(path)
+    save_normalized(_sd(), path, {"group": "n8", "method": "ta"})
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=r"rerun \(rule sweep\)"):
+        load_normalized(path)
+    save_normalized(_sd(), path, {})
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="rerun the rule that wrote it"):
+        load_normalized(path)
+
+
+def test_save_safetensors_writes_the_bytes_of_save_file(tmp_path):
+    from submerge.io.checkpoints import save_safetensors
+
+    sd = _sd()
+    save_file(sd, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    digest = save_safetensors(sd, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert digest == sha256_file(tmp_path / "ref.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "ref.safetensors"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import re
 import threading
+import time
 
 import pytest
 
@@ -15,7 +17,16 @@ DATA = bytes(range(256)) * 300  # 76.8 kB
 DATA_SHA = hashlib.sha256(DATA).hexdigest()
 
 
+NEW_DATA = DATA[::-1]  # what changing.pt becomes
+
+
+def _etag(body):
+    return '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves DATA with an ETag, honouring Range and If-Range like a static file server."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):  # keep pytest output clean
@@ -24,29 +35,83 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         state = self.server.state
         state["requests"].append((self.path, self.headers.get("Range")))
+        state["if_range"].append(self.headers.get("If-Range"))
         name = self.path.lstrip("/")
         if name == "missing.pt":
             return self._error(404)
         if name == "down.pt" or (name == "busy.pt" and state.setdefault("busy", 0) < 2):
             state["busy"] = state.get("busy", 0) + 1
             return self._error(503)
+        if name in REDIRECTS:
+            self.send_response(302)
+            self.send_header("Location", REDIRECTS[name])
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if name.startswith("noclen"):
+            return self._close_delimited(cut=name == "noclen-cut.pt")
+        if name == "chunked.pt":
+            return self._chunked()
         body = bytes(b ^ 0xFF for b in DATA) if name == "corrupt.pt" else DATA
+        if name == "changing.pt" and state.get("changed"):
+            body = NEW_DATA
         start = 0
-        if self.headers.get("Range"):
+        if_range = self.headers.get("If-Range")
+        if self.headers.get("Range") and (if_range is None or if_range == _etag(body)):
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        self.send_header("ETag", _etag(body))
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        if name == "flaky.pt" and not state.get("dropped"):
+        if name in ("flaky.pt", "changing.pt") and not state.get("dropped"):
             state["dropped"] = True
             self.wfile.write(body[start:start + len(body) // 3])
             self.wfile.flush()
             self.close_connection = True  # drop the connection midway, once
             return
+        if name == "slow.pt":  # long enough for two concurrent fetches to overlap
+            for i in range(0, len(body) - start, len(body) // 16):
+                self.wfile.write(body[start + i:start + i + len(body) // 16])
+                self.wfile.flush()
+                time.sleep(0.005)
+            return
         self.wfile.write(body[start:])
+
+    def _close_delimited(self, cut):
+        """No Content-Length, no chunked encoding: the body ends when the connection closes."""
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(DATA[:len(DATA) // 3] if cut else DATA)
+        self.close_connection = True
+
+    def _chunked(self):
+        """Chunked body; the first answer is cut after a third of the file (no final chunk)."""
+        state = self.server.state
+        start = 0
+        if self.headers.get("Range") and self.headers.get("If-Range") == _etag(DATA):
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
+        else:
+            self.send_response(200)
+        self.send_header("ETag", _etag(DATA))
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        cut = not state.get("chunk_cut")
+        state["chunk_cut"] = True
+        end = len(DATA) // 3 if cut else len(DATA)
+        step = 4096
+        for i in range(start, end, step):
+            piece = DATA[i:min(i + step, end)]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        if cut:
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(b"0\r\n\r\n")
 
     def _error(self, code):
         self.send_response(code)
@@ -54,10 +119,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
 
+REDIRECTS = {
+    "to-ftp.pt": "ftp://127.0.0.1:9/model.pt",
+    "to-file.pt": "file:///etc/hostname",
+    "to-http.pt": "/model.pt",
+}
+
+
 @pytest.fixture
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.state = {"requests": []}
+    httpd.state = {"requests": [], "if_range": []}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -74,7 +146,8 @@ def online(monkeypatch):
 
 
 def _files(root):
-    return sorted(p.name for p in root.rglob("*") if p.is_file())
+    """Files under ``root``, less the lock files (filelock leaves them in place by design)."""
+    return sorted(p.name for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
 def test_download_with_pinned_hash_then_cache_hit(server, tmp_path):
@@ -171,3 +244,105 @@ def test_bad_sources(tmp_path):
         fetch({"url": "ftp://host/file"}, tmp_path)
     with pytest.raises(ConfigError, match="'repo'"):
         fetch({"hub": {"file": "x"}}, tmp_path)
+
+
+def test_unpinned_download_without_length_is_refused(server, tmp_path):
+    """No Content-Length and no chunked encoding: a cut looks like the end, so an unpinned file is not cached."""
+    httpd, base = server
+    for _ in range(2):  # refused every time, never cached
+        with pytest.raises(CheckpointError, match=r"noclen-cut\.pt into .*noclen-cut\.pt: .*Content-Length.*sha256"):
+            fetch({"url": f"{base}/noclen-cut.pt"}, tmp_path, backoff=10.0)  # would hang if it retried
+    assert len(httpd.state["requests"]) == 2
+    assert _files(tmp_path) == []
+    # pinned, the hash tells a complete file from a cut one
+    assert fetch({"url": f"{base}/noclen.pt", "sha256": DATA_SHA}, tmp_path).read_bytes() == DATA
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        fetch({"url": f"{base}/noclen-cut.pt", "sha256": DATA_SHA}, tmp_path)
+    assert _files(tmp_path) == ["noclen.pt"]
+
+
+def test_cut_chunked_transfer_is_resumed(server, tmp_path):
+    """A chunked body cut before its final chunk is an error (IncompleteRead), resumed like a dropped connection."""
+    httpd, base = server
+    path = fetch({"url": f"{base}/chunked.pt"}, tmp_path, backoff=0.01)
+    assert path.read_bytes() == DATA
+    assert httpd.state["requests"] == [("/chunked.pt", None), ("/chunked.pt", f"bytes={len(DATA) // 3}-")]
+    assert _files(tmp_path) == ["chunked.pt"]
+
+
+def test_leftover_part_of_a_changed_file_is_not_resumed(server, tmp_path):
+    """A .part left by an earlier run is resumed with If-Range; the server file changed, so it starts over."""
+    httpd, base = server
+    url = f"{base}/changing.pt"
+    with pytest.raises(CheckpointError, match="after 1 attempts"):
+        fetch({"url": url}, tmp_path, retries=0)
+    assert _files(tmp_path) == ["changing.pt.part", "changing.pt.part.json"]
+    httpd.state["changed"] = True
+    path = fetch({"url": url}, tmp_path)
+    assert path.read_bytes() == NEW_DATA  # not a third of DATA followed by the rest of NEW_DATA
+    assert httpd.state["requests"][1] == ("/changing.pt", f"bytes={len(DATA) // 3}-")
+    assert httpd.state["if_range"][1] == _etag(DATA)
+    assert _files(tmp_path) == ["changing.pt"]
+
+
+def test_leftover_part_without_validator_starts_over(server, tmp_path):
+    """A .part with no recorded ETag/Last-Modified cannot be checked against the server file: not resumed."""
+    httpd, base = server
+    url = f"{base}/model.pt"
+    final = fetch({"url": url}, tmp_path)
+    final.unlink()
+    final.with_name("model.pt.part").write_bytes(b"\0" * 1000)  # e.g. from an older version of submerge
+    assert fetch({"url": url}, tmp_path).read_bytes() == DATA
+    assert httpd.state["requests"][1] == ("/model.pt", None)
+    assert _files(tmp_path) == ["model.pt"]
+
+
+def test_concurrent_fetches_of_one_url(server, tmp_path):
+    """Two jobs fetching one URL into one cache: the second waits for the first, both get the same file."""
+    httpd, base = server
+    for trial in range(4):
+        cache = tmp_path / str(trial)
+        barrier = threading.Barrier(2)
+        results, errors = [None, None], []
+
+        def job(i, source):
+            barrier.wait()
+            try:
+                results[i] = fetch(source, cache, backoff=0.01)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        sources = [{"url": f"{base}/slow.pt"}, {"url": f"{base}/slow.pt", "sha256": DATA_SHA}]
+        threads = [threading.Thread(target=job, args=(i, s)) for i, s in enumerate(sources)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        assert results[0] == results[1] and results[0].read_bytes() == DATA
+        assert _files(cache) == ["slow.pt"]
+    assert len(httpd.state["requests"]) == 4  # one download per cache
+
+
+@pytest.mark.parametrize("path", ["dir/..", "dir/%2E%2E", "dir/.", ".."])
+def test_url_without_usable_file_name(server, tmp_path, path):
+    httpd, base = server
+    url = f"{base}/{path}"
+    with pytest.raises(ConfigError, match=re.escape(repr(url))):
+        fetch({"url": url}, tmp_path)
+    assert httpd.state["requests"] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["to-ftp.pt", "to-file.pt"])
+def test_redirect_to_other_scheme_is_refused(server, tmp_path, name):
+    httpd, base = server
+    url = f"{base}/{name}"
+    with pytest.raises(CheckpointError) as err:
+        fetch({"url": url}, tmp_path, retries=1, backoff=0.01)
+    message = str(err.value)
+    assert url in message and REDIRECTS[name] in message and f"{name}" in message.replace(url, "")
+    assert len(httpd.state["requests"]) == 1  # not retried
+    assert _files(tmp_path) == []
+    # a redirect to http is followed
+    assert fetch({"url": f"{base}/to-http.pt"}, tmp_path).read_bytes() == DATA

@@ -196,3 +196,35 @@ def test_save_head_rejects_bad_input(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         save_head(tmp_path / args["name"], args["weight"], args["bias"], args["meta"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncated head", "garbage head", "garbage sidecar", "list sidecar"])
+def test_load_head_damaged_files_say_what_to_rerun(tmp_path, damage):
+    from submerge.data.heads import head_path, load_head
+
+    path = head_path(tmp_path, "mnist")
+    save_head(path, torch.randn(3, 4), torch.randn(3), {"normalize": True, "logit_scale": 1.0, "classes": None})
+    data = path.read_bytes()
+    if damage == "truncated head":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage head":
+        path.write_bytes(b"\x00" * 16)
+    else:
+        path.with_suffix(".json").write_text("{oops" if damage == "garbage sidecar" else "[]")
+    name = "mnist.json" if "sidecar" in damage else "mnist.safetensors"
+    with pytest.raises(CheckpointError, match=rf"{name}.*delete .*mnist\.safetensors and rerun \(rule expert_model\)"):
+        load_head(tmp_path, "mnist")
+
+
+def test_save_head_file_modes_follow_the_umask(tmp_path):
+    import os
+
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            path = tmp_path / f"u{umask:o}" / "heads" / "mnist.safetensors"
+            save_head(path, torch.randn(3, 4), None, {"normalize": True, "logit_scale": 1.0})
+        finally:
+            os.umask(old)
+        for p in (path, path.with_suffix(".json")):
+            assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask, (p, oct(umask))

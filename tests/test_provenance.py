@@ -67,6 +67,11 @@ def test_sidecar_contents(made):
     assert data["command"] == "snakemake --cores 1 'a b'"
     assert set(data["git"]) == {"commit", "dirty"}
     assert data["git"]["commit"] is None or len(data["git"]["commit"]) == 40
+    assert [rec["sidecar"] for rec in data["inputs"]] == [None, None]  # no upstream provenance
+    assert data["script"] is None  # not a Snakemake script
+    assert set(data["code"]) == {"submerge", "commit", "dirty", "package_sha256", "package_files"}
+    assert data["code"]["commit"] == data["git"]["commit"]
+    assert len(data["code"]["package_sha256"]) == 64 and data["code"]["submerge"] == __version__
     created = dt.datetime.fromisoformat(data["created_utc"])
     assert created.utcoffset() == dt.timedelta(0)
     assert abs((dt.datetime.now(dt.timezone.utc) - created).total_seconds()) < 600

@@ -198,3 +198,20 @@ def test_recipe_and_registry_import_no_torch():
             "import submerge.logs, submerge.io.jsonio; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_params_hold_only_what_changes_results():
+    cfg = load_tiny()
+    cfg["eval"] = {"batch_size": 7, "max_val_examples": 50, "selection_metric": "absolute"}
+    cfg["device"] = "cpu"
+    settings = parse_config(cfg).eval
+    assert settings.to_params() == {"max_val_examples": 50, "max_test_examples": None}
+    assert settings.to_params(choice=True)["selection_metric"] == "absolute"
+    back = type(settings).from_params(settings.to_params(choice=True), cfg)
+    assert back == settings and back.batch_size == 7 and back.device == "cpu"
+
+
+def test_a_group_is_a_set():
+    cfg = load_tiny()
+    cfg["groups"]["g3"] = ["invert", "rot90", "parity"]
+    assert parse_config(cfg).members("g3") == ["rot90", "parity", "invert"]  # the suite's order

@@ -5,7 +5,9 @@ before pytest, and the fixture below runs it again, which is instant when it is 
 config (experts outside its groups left out) runs twice, at the same time, in two copies of the
 workflow: locally with `--cores 2`, and through sbatch with the shipped profile plus
 tests/slurm/profile-overlay (squeue status polling, 2 s first check: this cluster has no
-accounting daemon). Both start from the same tiny models, trained once locally beforehand. Conda channels are unreachable here, so the SLURM run
+accounting daemon) and `eval: {points_per_job: 1}` in its config, so that every grid point is a
+`sweep_part` job of its own before each (group, method)'s `sweep`. Both start from the same tiny
+models, trained once locally beforehand. Conda channels are unreachable here, so the SLURM run
 overrides the profile's `software-deployment-method: conda` with `--sdm env-modules`, which is a
 no-op for rules without `envmodules:`: jobs run in the test's venv (on PATH, exported by sbatch).
 The copy's workflow profile profiles/default is cut down to this node's size (2 CPUs).
@@ -13,6 +15,7 @@ The copy's workflow profile profiles/default is cut down to this node's size (2 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,14 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 OVERLAY = REPO / "tests" / "slurm" / "profile-overlay"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "scripts", "envs", "profiles")
+# src too: the jobs' code fingerprints (params) and the code they run are the copy's, so that
+# edits to the checkout while the test runs change neither the runs nor their reruns
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "scripts", "envs", "profiles", "src")
 STATE = Path(os.environ.get("SUBMERGE_SLURM_STATE", "/run/submerge-slurm"))
 TASKS_LOG = STATE / "log" / "tasks.log"  # one line per SLURM task: job id and its GPUs
 VENV_BIN = Path(sys.executable).parent
 STAND_IN_GPUS = {"0", "1"}  # CUDA_VISIBLE_DEVICES values of the node's two stand-in GPUs
 
 # "Job 3 has been submitted with SLURM jobid 17 (log: <dir>/.snakemake/slurm_logs/rule_merged/
-# ta/17.log)": the folder after slurm_logs/ is rule_<rule> or group_<group>_<rules>.
+# ta/17.log)": the folder after slurm_logs/ is rule_<rule> (the workflow has no job groups).
 SUBMITTED = re.compile(
     r"has been submitted with SLURM jobid (\d+) \(log: (\S*/slurm_logs/([^/\s]+)/\S*?\d+\.log)\)"
 )
@@ -68,10 +73,10 @@ def cluster():
     assert sinfo.returncode == 0 and "gpu:" in sinfo.stdout, sinfo.stdout + sinfo.stderr
 
 
-def _copy_workflow(dest: Path) -> Path:
+def _copy_workflow(dest: Path, points_per_job: int | None = None, source: Path = REPO) -> Path:
     dest.mkdir(parents=True)
     for name in WORKFLOW_FILES:
-        src = REPO / name
+        src = source / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
@@ -79,6 +84,8 @@ def _copy_workflow(dest: Path) -> Path:
     cfg = yaml.safe_load(TINY.read_text())
     used = {e for members in cfg["groups"].values() for e in members}
     cfg["experts"] = {e: spec for e, spec in cfg["experts"].items() if e in used}  # fewer jobs
+    if points_per_job is not None:
+        cfg.setdefault("eval", {})["points_per_job"] = points_per_job
     (dest / "tiny.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     _fit_to_test_node(dest / "profiles" / "default" / "config.yaml")
     return dest
@@ -105,10 +112,11 @@ def _fit_to_test_node(profile: Path) -> None:
     profile.write_text(yaml.safe_dump(prof, sort_keys=False))
 
 
-def _env() -> dict:
+def _env(workdir: Path) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir / "src"), env.get("PYTHONPATH"))
+                                        if p)
     return env
 
 
@@ -121,7 +129,7 @@ class Run:
         cmd = [str(VENV_BIN / "snakemake"), TARGET, *args, "--configfile", "tiny.yaml"]
         self.t0 = time.monotonic()
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=out,
+            self.proc = subprocess.Popen(cmd, cwd=workdir, env=_env(workdir), stdout=out,
                                          stderr=subprocess.STDOUT, text=True)
 
     def wait(self) -> "Run":
@@ -152,7 +160,7 @@ def _ok(proc: Run, what: str) -> None:
 
 
 def _submissions(text: str) -> list[tuple[int, str, Path]]:
-    """(SLURM job id, rule_<rule> or group_<group>_<rules>, SLURM log) of each sbatch."""
+    """(SLURM job id, rule_<rule>, SLURM log) of each sbatch."""
     return [(int(j), folder, Path(log)) for j, log, folder in SUBMITTED.findall(text)]
 
 
@@ -187,14 +195,15 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def runs(cluster, tmp_path_factory):
-    """The tiny config run locally (`--cores 2`) and through SLURM, each in its own copy of the
-    workflow, at the same time. To keep the test short, both start from the same trained tiny
-    models (built once, locally): the SLURM run does everything from the task vectors on."""
+    """The tiny config run locally (`--cores 2`, one sweep job per (group, method)) and through
+    SLURM (`eval.points_per_job: 1`: the grids split into one sweep_part job per point), each in
+    its own copy of the workflow, at the same time. To keep the test short, both start from the
+    same trained tiny models (built once, locally): the SLURM run does everything after them."""
     base = tmp_path_factory.mktemp("slurm")
     local_dir = _copy_workflow(base / "local")
     models = _snakemake(local_dir, "--cores", "2", "--until", "expert_model")
     _ok(models, "building the tiny models")
-    slurm_dir = _copy_workflow(base / "slurm")
+    slurm_dir = _copy_workflow(base / "slurm", points_per_job=1, source=local_dir)  # same code
     for done in ("results", ".snakemake/metadata"):  # copy2: mtimes kept
         shutil.copytree(local_dir / done, slurm_dir / done)
     tasks_log_start = TASKS_LOG.stat().st_size
@@ -252,9 +261,10 @@ def test_every_job_goes_through_sbatch(runs):
     per_folder: dict[str, int] = {}
     for _, folder, _ in subs:
         per_folder[folder] = per_folder.get(folder, 0) + 1
-    # one sbatch per job of each rule; the grid points go in group jobs (next tests)
-    assert {f"rule_{r}": n for r, n in planned.items() if r != "grid_point"} == {
-        f: n for f, n in per_folder.items() if not f.startswith("group_grid")}
+    # one sbatch per job, in the SLURM log folder of its rule
+    assert {"merged", "sweep_part", "sweep", "scores"} <= set(planned), planned
+    assert {f"rule_{r}": n for r, n in planned.items()} == per_folder
+    assert len({jobid for jobid, _, _ in subs}) == len(subs)
     for jobid, folder, _ in subs:  # each ran on the cluster, in the SLURM copy, and finished
         info = subprocess.run(["scontrol", "show", "job", str(jobid)], capture_output=True,
                               text=True).stdout
@@ -265,11 +275,12 @@ def test_every_job_goes_through_sbatch(runs):
 def test_gpu_rules_get_a_stand_in_gpu(runs):
     proc = runs["slurm"]
     gpu_rules = _gpu_rules(proc.text)
-    assert "grid_point" in gpu_rules, gpu_rules
+    assert {"merged", "reference", "sweep_part", "sweep"} <= gpu_rules, gpu_rules
+    assert "scores" not in gpu_rules, gpu_rules
     task_gpus = runs["task_gpus"]
     n_gpu_jobs = 0
     for jobid, folder, _ in _submissions(proc.text):
-        rule = folder.removeprefix("rule_") if folder.startswith("rule_") else "grid_point"
+        rule = folder.removeprefix("rule_")
         seen = task_gpus.get(jobid)
         assert seen, f"no task of SLURM job {jobid} ({folder}) in {TASKS_LOG}"
         info = subprocess.run(["scontrol", "show", "job", "-d", str(jobid)],
@@ -284,12 +295,28 @@ def test_gpu_rules_get_a_stand_in_gpu(runs):
     assert n_gpu_jobs >= 3
 
 
-def test_grid_points_share_slurm_jobs(runs):
-    proc = runs["slurm"]
-    n_points = _job_stats(proc.text)["grid_point"]
-    grid_jobs = [j for j, folder, _ in _submissions(proc.text) if folder.startswith("group_grid")]
-    assert n_points >= 2
-    assert 1 <= len(grid_jobs) < n_points, (n_points, grid_jobs)
+def test_sweep_parts_are_separate_slurm_jobs(runs):
+    """With `eval.points_per_job: 1` each grid point is a sweep_part job, submitted on its own
+    and evaluating its point into the results cache; each (group, method)'s sweep is one more job
+    and evaluates on validation nothing that a part did. The scores equal the local run's, whose
+    sweeps were not split (test_results_equal_local_run)."""
+    proc, results = runs["slurm"], runs["slurm_dir"] / "results" / _suite()
+    planned = _job_stats(proc.text)
+    parts = sorted(results.glob("grid/*/*.parts/*.json"))
+    n_points = len([p for p in results.glob("grid/*/*/*.json")  # the sweeps' per-point files
+                    if p.parent.suffix != ".parts"])
+    sweeps = sorted(results.glob("test/*/*.json"))
+    assert planned["sweep_part"] == len(parts) == n_points >= 4, (planned, parts, n_points)
+    assert planned["sweep"] == len(sweeps) >= 2, (planned, sweeps)
+    part_jobs = [j for j, folder, _ in _submissions(proc.text) if folder == "rule_sweep_part"]
+    assert len(part_jobs) == len(set(part_jobs)) == len(parts), part_jobs
+    for part in parts:  # every part computed its one point (none was cached before)
+        assert json.loads(part.read_text())["evaluated"] == 1, part
+    # the local run computed the same evaluations in its unsplit sweeps: one cache entry each
+    cached = {p.name for p in (results / "cache" / "points").rglob("*.json")}
+    local_cached = {p.name for p in (runs["local_dir"] / "results" / _suite() / "cache" /
+                                     "points").rglob("*.json")}
+    assert len(cached) == n_points + len(sweeps) == len(local_cached), (cached, local_cached)
 
 
 def _scores(workdir: Path) -> pd.DataFrame:
@@ -305,22 +332,29 @@ def test_results_equal_local_run(runs):
 
 
 def test_failed_job_is_reported_and_rerun_redoes_only_it(runs, tmp_path):
-    """Corrupt one merged cache (mtime kept, so nothing looks stale) and delete one grid point
-    that reads it together with its dependents (snakemake does not remake a missing intermediate
-    file while everything downstream is up to date): exactly that grid point's job fails.
-    Repair the cache and rerun: only that job and its dependents run, every other result file
-    stays untouched."""
+    """Corrupt one merged cache (mtime kept, so nothing looks stale) and delete the outputs of
+    the sweep that reads it (its grid folder and test file) and scores.csv (snakemake does not
+    remake a missing intermediate file while everything downstream is up to date): exactly that
+    sweep's job fails (its sweep_part jobs are done and stay so). Repair the cache and rerun:
+    only that sweep and scores run, the sweep evaluates nothing (every point is in the results
+    cache, which gains no entry), every other result file stays untouched, the scores are as
+    before."""
     workdir = runs["slurm_dir"]
     results = workdir / "results" / _suite()
-    victim = sorted(results.glob("grid/*/*/*.json"))[0]
-    group, method = victim.parent.parent.name, victim.parent.name
+    grid = sorted(p for p in results.glob("grid/*/*") if p.is_dir() and p.suffix != ".parts")[0]
+    group, method = grid.parent.name, grid.name
+    test = results / "test" / group / f"{method}.json"
     cache = results / "merged" / group / f"{method}.h5"
+    points_cache = results / "cache" / "points"
     backup = tmp_path / "cache.h5"
     shutil.copy2(cache, backup)
     before = _mtimes(results)
+    cached_before = set(_mtimes(points_cache))
+    assert cached_before
 
-    for path in (victim, results / "test" / group / f"{method}.json", results / "scores.csv"):
-        path.unlink()
+    shutil.rmtree(grid)
+    test.unlink()
+    (results / "scores.csv").unlink()
     stat = cache.stat()
     try:
         cache.write_bytes(b"\0not an hdf5 file\0" * 64)
@@ -328,30 +362,30 @@ def test_failed_job_is_reported_and_rerun_redoes_only_it(runs, tmp_path):
         failed = _slurm(workdir)
     finally:
         shutil.copy2(backup, cache)  # content and mtime as before
-    rel = str(victim.relative_to(workdir))
+    rel = str(grid.relative_to(workdir))
     assert failed.returncode != 0, failed.text[-5000:]
-    assert _job_stats(failed.text) == {"grid_point": 1, "test_point": 1, "scores": 1}
-    assert re.search(r"Error in rule grid_point:(?:\n[^\n]*){0,6}" + re.escape(rel),
+    assert _job_stats(failed.text) == {"sweep": 1, "scores": 1}, failed.text[-5000:]
+    assert re.search(r"Error in rule sweep:(?:\n[^\n]*){0,8}" + re.escape(rel),
                      failed.text), failed.text[-5000:]
     subs = _submissions(failed.text)  # the job, and its retry (profile: retries: 1)
-    assert subs and all(folder.startswith("group_grid") for _, folder, _ in subs), subs
+    assert subs and all(folder == "rule_sweep" for _, folder, _ in subs), subs
     for jobid, _, log in subs:
         info = subprocess.run(["scontrol", "show", "job", str(jobid)], capture_output=True,
                               text=True).stdout
         assert "JobState=FAILED" in info, info
         # the SLURM log is kept, and the job failed for the reason we gave it
         assert "file signature not found" in log.read_text(), log
-    assert not victim.exists()
+    assert not test.exists() and not any(grid.glob("*.json"))
+    assert set(_mtimes(points_cache)) == cached_before
 
     rerun = _slurm(workdir)
     _ok(rerun, "rerun after repair")
-    assert _job_stats(rerun.text) == {"grid_point": 1, "test_point": 1, "scores": 1}
+    assert _job_stats(rerun.text) == {"sweep": 1, "scores": 1}
     after = _mtimes(results)
-    changed = {f for f in before if after.get(f) != before[f]}
-    assert changed == {
-        str(victim.relative_to(results)),
-        f"test/{group}/{method}.json",
-        "scores.csv",
-    }, changed
+    assert set(after) == set(before), set(after) ^ set(before)  # no new cache entry either
+    changed = {f for f in before if after[f] != before[f]}
+    redone = {f for f in before if f.startswith(f"grid/{group}/{method}/")}
+    assert redone
+    assert changed == redone | {f"test/{group}/{method}.json", "scores.csv"}, changed
     pd.testing.assert_frame_equal(_scores(workdir), _scores(runs["local_dir"]),
                                   check_exact=False, rtol=1e-9, atol=0)

@@ -1,18 +1,17 @@
 """Stage functions that hold logic of their own: reconstruction from the merged cache, the
-HO-GSVD cache, the point chosen from grid files."""
+HO-GSVD cache, the results cache of the sweeps."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from submerge.recipe import Boost, GridPoint, Method
-from submerge.stages import evaluate, merge
 from submerge.boosting import boost_matrix, svd_factors
 from submerge.io.hogsvd_cache import HOGSVDEntry, read_hogsvd_cache, write_hogsvd_cache
 from submerge.layers import LayerInfo
+from submerge.recipe import Boost, Method
+from submerge.stages import merge
+
 
 def test_reconstruct_from_factors_equals_direct_boosting():
     torch.manual_seed(0)
@@ -52,18 +51,20 @@ def test_hogsvd_cache_round_trip(tmp_path):
 
 
 
-def test_test_point_choice_reads_the_grid_files(tmp_path):
-    """The stage chooses among the grid files with recipe.choose_point (ties: smaller α)."""
-    from submerge.io.jsonio import write_json
+def test_results_cache_keys_and_entries(tmp_path):
+    """A result is found again exactly under the key of what determined it; a change of any
+    part is another key; an unreadable entry counts as absent."""
+    from submerge.io.results_cache import ResultsCache, result_key
 
-    refs = {"a": {"val": {"expert": 0.8}}, "b": {"val": {"expert": 0.4}}}
-    paths = []
-    for i, (alpha, beta, acc) in enumerate([(0.5, 0.0, {"a": 0.8, "b": 0.2}),
-                                            (0.3, 0.2, {"a": 0.4, "b": 0.4}),
-                                            (0.2, 0.0, {"a": 0.1, "b": 0.1})]):
-        paths.append(tmp_path / f"{i}.json")
-        write_json(paths[-1], {"alpha": alpha, "beta": beta, "accuracy": acc})
-    point, score = evaluate.choose_from_files(paths, refs, "normalized")
-    assert point == GridPoint(0.3, 0.2) and score == pytest.approx(0.75)
-    point, score = evaluate.choose_from_files(paths, refs, "absolute")
-    assert point == GridPoint(0.5, 0.0) and score == pytest.approx(0.5)
+    what = {"merged": "ab" * 32, "alpha": 0.1, "beta": None, "split": "val"}
+    key = result_key(what)
+    assert key == result_key(dict(reversed(list(what.items()))))  # order-free
+    assert key != result_key({**what, "alpha": 0.1000000001})
+    cache = ResultsCache(tmp_path)
+    assert cache.get(key) is None
+    cache.put(key, what, {"accuracy": {"a": 0.5}})
+    assert cache.get(key) == {"accuracy": {"a": 0.5}}
+    cache.path(key).write_text("{not json")
+    assert cache.get(key) is None
+    with pytest.raises(ValueError):
+        result_key({**what, "alpha": float("nan")})

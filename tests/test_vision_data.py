@@ -82,6 +82,20 @@ def test_image_transform_on_an_image_of_the_model_size_is_rescale_and_normalise(
     assert image_transform(suite_cfg)(gray).shape == (3, SIZE, SIZE)
 
 
+@pytest.mark.parametrize("suite_cfg", [
+    {"adapter": "open_clip_vit", "arch": OC_ARCH},
+    {"adapter": "hf_clip_vision", "arch": {"image_size": SIZE, "patch_size": 8, "hidden_size": 16,
+                                           "num_attention_heads": 2}},
+])
+def test_image_transform_is_geometry_then_tensor(suite_cfg):
+    rs = np.random.RandomState(2)
+    images = [PIL.Image.fromarray(rs.randint(0, 256, (h, w, 3)).astype(np.uint8)) for h, w in ((9, 30), (41, 17))]
+    arrays = [vision.image_geometry(suite_cfg)(im) for im in images]
+    assert all(a.dtype == np.uint8 and a.shape == (SIZE, SIZE, 3) for a in arrays)
+    batch = vision.image_tensor(suite_cfg)(torch.from_numpy(np.stack(arrays)))
+    assert torch.equal(batch, torch.stack([image_transform(suite_cfg)(im) for im in images]))
+
+
 def test_image_size_from_named_configs():
     img = PIL.Image.fromarray(_square_rgb(0))
     assert image_transform({"adapter": "open_clip_vit", "arch": {"model": "ViT-B-32"}})(img).shape == (3, 224, 224)
@@ -204,6 +218,19 @@ def test_vision_task_accuracy_equals_independent_argmax(suite, clip_model):
     sub = subset_indices(12, 5)
     expected_sub = np.mean([suite["p_test"][i] == suite["test_labels"][i] for i in sub])
     assert task.accuracy(Adapter(), clip_model.visual, "test", max_examples=5) == pytest.approx(expected_sub)
+
+
+def test_prepared_split_with_dataloader_workers(suite, clip_model, tmp_path):
+    """prepare_split and the on-the-fly path with num_workers > 0 (the transforms are picklable)."""
+    cfg = {**suite["cfg"], "num_workers": 2}
+    images, labels, meta = vision.prepare_split(cfg, "mnist", "test", 7)
+    assert images.shape == (7, SIZE, SIZE, 3) and labels.tolist() == [suite["test_labels"][i]
+                                                                       for i in subset_indices(12, 7)]
+    vision.save_prepared(tmp_path / "test.safetensors", images, labels, meta)
+    plain = VisionTask(cfg, "mnist", root=suite["root"])
+    fast = VisionTask(cfg, "mnist", root=suite["root"], prepared={"test": tmp_path / "test.safetensors"})
+    assert fast.accuracy(Adapter(), clip_model.visual, "test", batch_size=3, max_examples=7) \
+        == plain.accuracy(Adapter(), clip_model.visual, "test", batch_size=3, max_examples=7)
 
 
 def test_vision_task_splits(suite):

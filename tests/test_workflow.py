@@ -1,23 +1,27 @@
-"""The workflow end to end on a tiny digits config, then incremental reruns: after each config
-change the next dry run must plan exactly the jobs that depend on the change, and nothing else."""
+"""The workflow end to end on a tiny digits config, then incremental reruns: after each change
+the next run must plan exactly the jobs that depend on it, and evaluate (compute, not read from
+the results cache) exactly the grid points whose result can have changed."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from workflow_utils import load_tiny, planned_jobs, snakemake, write_config
+from workflow_utils import ROOT, load_tiny, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
+R = "results/tiny"
 
-def _grid(group, method, alphas, betas):
-    return {("grid_point", f"results/tiny/grid/{group}/{method}/a{a}_b{b}.json")
-            for a in alphas for b in betas}
+
+def _sweeps(groups, methods):
+    return {("sweep", f"{R}/grid/{g}/{m}") for g in groups for m in methods}
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +35,36 @@ def tiny_run(tmp_path_factory):
     return workdir, cfg
 
 
+@pytest.fixture
+def copy_of_run(tiny_run, tmp_path):
+    """A copy of the finished run (results, logs and Snakemake's records), to change freely."""
+    workdir, cfg = tiny_run
+    shutil.copytree(workdir, tmp_path / "run", symlinks=True)
+    return tmp_path / "run", copy.deepcopy(cfg)
+
+
+def _evaluations(workdir: Path) -> dict[str, set]:
+    """The evaluations in the results cache: split -> {(group-independent key)}."""
+    out: dict[str, set] = {"val": set(), "test": set()}
+    for path in (workdir / R / "cache" / "points").rglob("*.json"):
+        entry = json.loads(path.read_text())
+        out[entry["what"]["split"]].add(path.name)
+    return out
+
+
+def _run_counting(workdir: Path, cfg: dict, name: str) -> tuple[set, dict[str, int]]:
+    """(planned jobs, evaluations computed per split) of running ``cfg`` in ``workdir``."""
+    path = write_config(workdir, cfg, name)
+    jobs = planned_jobs(workdir, path)
+    before = _evaluations(workdir)
+    snakemake(workdir, path)
+    after = _evaluations(workdir)
+    return jobs, {split: len(after[split] - before[split]) for split in after}
+
+
 def test_full_run_outputs(tiny_run):
     workdir, cfg = tiny_run
-    root = workdir / "results" / "tiny"
+    root = workdir / R
     scores = pd.read_csv(root / "scores.csv")
     # one row per (group, method, alpha, beta, split, task)
     val = scores[scores.split == "val"]
@@ -55,8 +86,12 @@ def test_full_run_outputs(tiny_run):
         got = [v for (a, b), v in means.items()
                if a == key[0] and ((math.isnan(b) and math.isnan(key[1])) or b == key[1])]
         assert got and got[0] == pytest.approx(best)
+    # one evaluation per grid point on validation, one test evaluation per (group, method)
+    n_points = expected_val // sum(len(m) for m in cfg["groups"].values()) * len(cfg["groups"])
+    evals = _evaluations(workdir)
+    assert len(evals["val"]) == n_points and len(evals["test"]) == len(test.groupby(["group", "method"]))
     # every rule left a log and a benchmark file
-    assert any((workdir / "logs" / "tiny" / "grid").rglob("*.log"))
+    assert any((workdir / "logs" / "tiny" / "sweep").rglob("*.log"))
     assert any((workdir / "benchmarks" / "tiny" / "merged").rglob("*.tsv"))
 
 
@@ -65,41 +100,53 @@ def test_nothing_changed_plans_nothing(tiny_run):
     assert planned_jobs(workdir, write_config(workdir, cfg, "same.yaml")) == set()
 
 
-def test_adding_an_expert_reruns_only_what_depends_on_it(tiny_run):
+def test_settings_that_change_no_result_rerun_nothing(tiny_run):
     workdir, cfg = tiny_run
     cfg = copy.deepcopy(cfg)
+    cfg["eval"]["batch_size"] = 7
+    cfg["device"] = "auto"
+    cfg["groups"]["g3"] = list(reversed(cfg["groups"]["g3"]))  # a group is a set
+    assert planned_jobs(workdir, write_config(workdir, cfg, "runtime.yaml")) == set()
+
+
+def test_adding_an_expert_reruns_only_what_depends_on_it(copy_of_run):
+    workdir, cfg = copy_of_run
     cfg["experts"]["mod3"] = {"build": "digits", "task": "mod3"}
     cfg["groups"]["g3"].append("mod3")
-    jobs = planned_jobs(workdir, write_config(workdir, cfg, "add_expert.yaml"))
-    r = "results/tiny"
+    jobs, evaluated = _run_counting(workdir, cfg, "add_expert.yaml")
     expected = {
-        ("expert_model", f"{r}/models/experts/mod3.safetensors"),
-        ("task_vector", f"{r}/taskvectors/mod3.h5"),
-        ("expert_spectrum", f"{r}/spectra/mod3.h5"),
-        ("reference", f"{r}/reference/mod3.json"),
-        ("hogsvd", f"{r}/hogsvd/g3.h5"),
-        ("merged", f"{r}/merged/g3/ta.h5"),
-        ("merged", f"{r}/merged/g3/ta_sb.h5"),
-        ("test_point", f"{r}/test/g3/ta.json"),
-        ("test_point", f"{r}/test/g3/ta_sb.json"),
-        ("scores", f"{r}/scores.csv"),
+        ("expert_model", f"{R}/models/experts/mod3.safetensors"),
+        ("reference", f"{R}/reference/mod3.json"),
+        ("hogsvd", f"{R}/hogsvd/g3.h5"),
+        ("merged", f"{R}/merged/g3/ta.h5"),
+        ("merged", f"{R}/merged/g3/ta_sb.h5"),
+        ("scores", f"{R}/scores.csv"),
         # g3 is the largest group: its HO-GSVD summary feeds the alignment figures
-        ("hogsvd_summary", f"{r}/summaries/hogsvd_summary.json"),
-    } | _grid("g3", "ta", ["0.5", "1"], ["none"]) | _grid("g3", "ta_sb", ["0.5", "1"], ["0"])
+        ("hogsvd_summary", f"{R}/summaries/hogsvd_summary.json"),
+    } | _sweeps(["g3"], ["ta", "ta_sb"])
     assert jobs == expected | REPORT_JOBS
+    # only g3's points: 2 alphas for ta, 2 alphas x 1 beta for ta_sb; and their test points
+    assert evaluated == {"val": 4, "test": 2}
 
 
-def test_adding_a_grid_point_runs_only_the_new_points(tiny_run):
-    workdir, cfg = tiny_run
-    cfg = copy.deepcopy(cfg)
+def test_adding_a_grid_point_evaluates_only_the_new_points(copy_of_run):
+    workdir, cfg = copy_of_run
     cfg["grid"]["alpha"].append(0.75)
-    jobs = planned_jobs(workdir, write_config(workdir, cfg, "add_alpha.yaml"))
-    r = "results/tiny"
-    expected = {("scores", f"{r}/scores.csv")}
-    for g in cfg["groups"]:
-        expected |= _grid(g, "ta", ["0.75"], ["none"]) | _grid(g, "ta_sb", ["0.75"], ["0"])
-        expected |= {("test_point", f"{r}/test/{g}/{m}.json") for m in cfg["methods"]}
-    assert jobs == expected | REPORT_JOBS
+    jobs, evaluated = _run_counting(workdir, cfg, "add_alpha.yaml")
+    assert jobs == {("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"]) | REPORT_JOBS
+    assert evaluated["val"] == 2 * 2  # one new alpha in 2 groups x 2 methods
+    # a test evaluation only where the new point is chosen
+    chosen_new = sum(json.loads(p.read_text())["alpha"] == 0.75
+                     for p in (workdir / R / "test").rglob("*.json"))
+    assert evaluated["test"] == chosen_new
+
+
+def test_changing_the_selection_metric_reruns_only_the_choice(copy_of_run):
+    workdir, cfg = copy_of_run
+    cfg["eval"]["selection_metric"] = "absolute"
+    jobs, evaluated = _run_counting(workdir, cfg, "metric.yaml")
+    assert jobs == {("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"]) | REPORT_JOBS
+    assert evaluated["val"] == 0 and evaluated["test"] <= 4
 
 
 def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run):
@@ -107,16 +154,47 @@ def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run):
     cfg = copy.deepcopy(cfg)
     cfg["methods"]["ta_sb"]["boost"] = {"attn_mode": "full"}
     jobs = planned_jobs(workdir, write_config(workdir, cfg, "change_method.yaml"))
-    r = "results/tiny"
-    expected = {("scores", f"{r}/scores.csv")}
+    expected = {("scores", f"{R}/scores.csv")}
     for g in cfg["groups"]:
-        expected |= {("merged", f"{r}/merged/{g}/ta_sb.h5"),
-                     ("test_point", f"{r}/test/{g}/ta_sb.json")}
-        expected |= _grid(g, "ta_sb", ["0.5", "1"], ["0"])
+        expected |= {("merged", f"{R}/merged/{g}/ta_sb.h5")}
+    expected |= _sweeps(cfg["groups"], ["ta_sb"])
     assert jobs == expected | REPORT_JOBS
 
 
+def _repo_copy(dest: Path) -> Path:
+    """The files the workflow runs, copied (new mtimes: like a fresh clone of the commit)."""
+    for name in ("Snakefile", "workflow", "scripts", "src", "profiles", "envs", "config"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, dest / name)
+    return dest / "Snakefile"
+
+
+def test_code_changes_rerun_only_what_runs_them(tiny_run, tmp_path):
+    """A fresh copy of the code, a touched script, a docstring or comment change: nothing
+    reruns. A real change to the merge code: the merges and what follows rerun, not the
+    checkpoints."""
+    workdir, cfg = tiny_run
+    snakefile = _repo_copy(tmp_path / "repo")
+    path = write_config(workdir, cfg, "code.yaml")
+    assert planned_jobs(workdir, path, snakefile=snakefile) == set()
+
+    (tmp_path / "repo" / "scripts" / "sweep.py").touch()
+    lines = tmp_path / "repo" / "src" / "submerge" / "merging" / "lines.py"
+    lines.write_text(lines.read_text().replace('"""LiNeS:', '"""LiNeS (reworded docstring):', 1)
+                     + "\n# a comment\n")
+    assert planned_jobs(workdir, path, snakefile=snakefile) == set()
+
+    stage = tmp_path / "repo" / "src" / "submerge" / "stages" / "merge.py"
+    stage.write_text(stage.read_text() + "\n_CHANGED = True\n")
+    rules = {rule for rule, _ in planned_jobs(workdir, path, snakefile=snakefile)}
+    assert {"merged", "sweep", "scores"} <= rules
+    assert not rules & {"base_model", "expert_model", "hogsvd"}, rules
+
+
 # the report rules depend on everything aggregated: they rerun after any change
-REPORT_JOBS = {("spectra_summary", "results/tiny/summaries/spectra_summary.csv"),
-               ("tables", "results/tiny/tables/main_results.csv"),
-               ("figures", "results/tiny/figures/rank_collapse.png")}
+REPORT_JOBS = {("spectra_summary", f"{R}/summaries/spectra_summary.csv"),
+               ("tables", f"{R}/tables/main_results.csv"),
+               ("figures", f"{R}/figures/rank_collapse.png")}

@@ -24,9 +24,9 @@ def write_config(workdir: Path, cfg: dict, name: str = "config.yaml") -> Path:
 
 
 def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True,
-              timeout: int = 1200) -> subprocess.CompletedProcess:
-    """Run the project's Snakefile with ``workdir`` as working directory."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+              timeout: int = 1200, snakefile: Path = ROOT / "Snakefile") -> subprocess.CompletedProcess:
+    """Run the project's Snakefile (or ``snakefile``) with ``workdir`` as working directory."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
            "--configfile", str(configfile), "--cores", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -35,9 +35,10 @@ def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True,
     return proc
 
 
-def planned_jobs(workdir: Path, configfile: Path) -> set[tuple[str, str]]:
+def planned_jobs(workdir: Path, configfile: Path, snakefile: Path = ROOT / "Snakefile"
+                 ) -> set[tuple[str, str]]:
     """(rule, first output) of every job a dry run would execute; ``all`` is left out."""
-    proc = snakemake(workdir, configfile, "-n")
+    proc = snakemake(workdir, configfile, "-n", snakefile=snakefile)
     text = proc.stdout + proc.stderr
     if "Nothing to be done" in text:
         return set()

@@ -1,7 +1,8 @@
 """The ``submerge`` command line, for use outside Snakemake.
 
     submerge --version
-    submerge audit PATH [PATH ...]      # exit 0 when clean, 1 when anything changed
+    submerge audit PATH [PATH ...]      # exit 0 when clean, 1 when anything changed, 2 on errors
+    submerge audit --chain FILE         # the provenance tree of FILE down to the checkpoints
 
 Subcommands live in :data:`SUBCOMMANDS` (name -> :class:`Subcommand`); to add one, write
 a ``configure(parser)`` that adds its arguments and a ``run(args) -> int`` that returns
@@ -40,41 +41,65 @@ def _configure_audit(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         type=Path,
         metavar="PATH",
-        help="a figure/table file, its .json sidecar, or a directory (all sidecars below it)",
+        help="a figure/table file, its .json sidecar, or a directory (all sidecars below it; "
+        "a table or figure there without a readable sidecar is an error)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="list unchanged files too")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--chain",
+        action="store_true",
+        help="print the provenance tree of each PATH: its inputs, theirs, ... down to the "
+        "checkpoints' sha256 (or to files without recorded provenance)",
+    )
+    mode.add_argument(
+        "--shallow",
+        action="store_true",
+        help="check only each sidecar's own outputs and inputs, not the chain upstream",
+    )
 
 
 def _audit_targets(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
-    from submerge.report.provenance import is_sidecar
+    """The sidecars/outputs to audit, and the errors found while listing directories
+    (unreadable sidecars, tables and figures without one)."""
+    from submerge.report.provenance import scan_directory
 
     targets, errors = [], []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*.json") if is_sidecar(p))
-            if not found:
-                errors.append(f"no provenance sidecars under {path}")
+            found, problems = scan_directory(path)
+            if not found and not problems:
+                problems = [f"no provenance sidecars under {path}"]
             targets += found
+            errors += problems
         else:
             targets.append(path)
     return targets, errors
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    """Audit every given output/sidecar; print a report; 0 clean, 1 changed, 2 error."""
-    from submerge.report.provenance import audit
+    """Audit every given output/sidecar (following the chain upstream unless ``--shallow``;
+    printing the tree with ``--chain``); 0 clean, 1 changed, 2 error."""
+    from submerge.report.provenance import audit, provenance_chain, render_chain
 
     targets, errors = _audit_targets(args.paths)
     audited = changed = 0
+    hashes: dict = {}  # each file hashed once across targets
     for target in targets:
         try:
-            result = audit(target)
+            if args.chain:
+                tree = provenance_chain(target, hashes=hashes)
+                print(render_chain(tree))
+                ok = tree.ok
+            else:
+                result = audit(target, follow=not args.shallow, hashes=hashes)
+                print(result.report(verbose=args.verbose))
+                ok = result.ok
         except (OSError, ValueError) as exc:
             errors.append(str(exc))
             continue
-        print(result.report(verbose=args.verbose))
         audited += 1
-        changed += not result.ok
+        changed += not ok
     for err in errors:
         print(f"ERROR   {err}", file=sys.stderr)
     print(f"{audited} audited: {changed} changed, {len(errors)} error(s)")

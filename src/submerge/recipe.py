@@ -385,26 +385,41 @@ def is_digits(spec: Mapping) -> bool:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How models are evaluated. Only ``max_*_examples`` change results; ``batch_size`` and
-    the device do not."""
+    """How models are evaluated. Only ``max_*_examples`` change accuracies and only
+    ``selection_metric`` changes which point is chosen; ``batch_size`` and ``device`` change
+    neither, so they are not job params (a job reads them from the config: no rerun when they
+    change). ``points_per_job`` splits each (group, method)'s grid into jobs of that many points
+    (None: one job per (group, method))."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     max_val_examples: int | None = None
     max_test_examples: int | None = None
     selection_metric: str = DEFAULT_SELECTION_METRIC
     device: str = "auto"
+    points_per_job: int | None = None
 
     def max_examples(self, split: str) -> int | None:
         return self.max_val_examples if split == "val" else self.max_test_examples
 
-    def to_params(self) -> dict:
-        return {"batch_size": self.batch_size, "max_val_examples": self.max_val_examples,
-                "max_test_examples": self.max_test_examples,
-                "selection_metric": self.selection_metric, "device": self.device}
+    def to_params(self, *, choice: bool = False) -> dict:
+        """What changes a job's results: the example caps, and the metric for a job that
+        chooses a grid point (``choice``)."""
+        out = {"max_val_examples": self.max_val_examples,
+               "max_test_examples": self.max_test_examples}
+        if choice:
+            out["selection_metric"] = self.selection_metric
+        return out
 
     @classmethod
-    def from_params(cls, params: Mapping) -> "EvalSettings":
-        return cls(**params)
+    def from_params(cls, params: Mapping, config: Mapping | None = None) -> "EvalSettings":
+        """Settings from a job's params and the run's config (batch size and device)."""
+        return cls(**params, **runtime_settings(config or {}))
+
+
+def runtime_settings(cfg: Mapping) -> dict:
+    """The evaluation settings that change no result: ``eval.batch_size`` and ``device``."""
+    return {"batch_size": (cfg.get("eval") or {}).get("batch_size", DEFAULT_BATCH_SIZE),
+            "device": cfg.get("device", "auto")}
 
 
 @dataclass(frozen=True)
@@ -421,6 +436,16 @@ class SelectionExperiment:
     draws: int = 10
     seed: int = 0
     strategy: str = "greedy"
+
+    def runs(self) -> list[str]:
+        """One job each: ``hogsvd-0`` (the HO-GSVD choice), then ``random-0`` … ``random-<draws-1>``."""
+        return ["hogsvd-0"] + [f"random-{d}" for d in range(self.draws)]
+
+    def parse_run(self, run: str) -> tuple[str, int]:
+        setting, _, draw = run.partition("-")
+        if run not in self.runs():
+            raise ValueError(f"{run!r} is not a run of the selection experiment ({self.runs()})")
+        return setting, int(draw)
 
     def to_params(self) -> dict:
         return {"universe": self.universe, "pool": list(self.pool), "ext": list(self.ext),
@@ -475,6 +500,23 @@ class Recipe:
         return view
 
 
+def check_schema(cfg: Mapping, schema_path: str | Path) -> None:
+    """ConfigError naming the first config field that breaks the JSON schema and the one rule
+    it broke (not the whole schema)."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
+    if error is None:
+        return
+    field = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    rule = f"{error.validator}: {error.validator_value!r}"
+    raise ConfigError(f"config field {field}: {error.message[:300]} (schema rule {rule[:120]}; "
+                      f"{Path(schema_path).name})")
+
+
 def parse_config(cfg: Mapping) -> Recipe:
     """The recipe of a config that passed the JSON schema; ConfigError naming the field for
     everything the schema cannot say."""
@@ -492,6 +534,8 @@ def parse_config(cfg: Mapping) -> Recipe:
             if spec["task"] not in TASK_NAMES:
                 raise ConfigError(f"config field experts.{name}.task: unknown digits task "
                                   f"{spec['task']!r} (known: {', '.join(TASK_NAMES)})")
+        else:
+            _check_downloaded_expert(cfg, name, spec)
     groups: dict[str, tuple[str, ...]] = {}
     for group, members in cfg["groups"].items():
         check_name(group, "groups")
@@ -499,15 +543,16 @@ def parse_config(cfg: Mapping) -> Recipe:
             if member not in experts:
                 raise ConfigError(f"config field groups.{group}[{i}]: unknown expert {member!r} "
                                   f"(known: {', '.join(sorted(experts))})")
-        groups[group] = tuple(members)
+        # a group is a set: its members in the suite's expert order, whatever order it lists
+        order = list(experts)
+        groups[group] = tuple(sorted(members, key=order.index))
     methods = {name: parse_method(name, m, cfg["grid"], list(groups))
                for name, m in cfg["methods"].items()}
     ev = dict(cfg.get("eval") or {})
     eval_settings = EvalSettings(
-        batch_size=ev.get("batch_size", DEFAULT_BATCH_SIZE),
         max_val_examples=ev.get("max_val_examples"), max_test_examples=ev.get("max_test_examples"),
         selection_metric=ev.get("selection_metric", DEFAULT_SELECTION_METRIC),
-        device=cfg.get("device", "auto"))
+        points_per_job=ev.get("points_per_job"), **runtime_settings(cfg))
     if eval_settings.selection_metric not in SELECTION_METRICS:
         raise ConfigError(f"config field eval.selection_metric: {eval_settings.selection_metric!r} "
                           f"is not one of {list(SELECTION_METRICS)}")
@@ -523,6 +568,28 @@ def parse_config(cfg: Mapping) -> Recipe:
                   groups=groups, methods=methods, eval=eval_settings, selection=selection,
                   consensus_lambdas=lambdas, hogsvd=hogsvd, gpu=bool(cfg.get("gpu", True)),
                   save_merged=bool(cfg.get("save_merged", False)))
+
+
+def _check_downloaded_expert(cfg: Mapping, name: str, spec: Mapping) -> None:
+    """What a downloaded expert needs before anything is downloaded: its evaluation data, its
+    head, and for a zero-shot head the suite's full CLIP."""
+    where = f"config field experts.{name}"
+    dataset = spec.get("dataset")
+    if not isinstance(dataset, Mapping):
+        raise ConfigError(f"{where}.dataset: required for downloaded experts (the evaluation "
+                          "data: {hub: <dataset id>} or {path: <saved DatasetDict>}, see "
+                          "src/submerge/data/vision.py)")
+    if (dataset.get("hub") is None) == (dataset.get("path") is None):
+        raise ConfigError(f"{where}.dataset: give exactly one of 'hub' and 'path'")
+    if dataset.get("kind", "image") == "text":
+        return  # scored by the language model itself: no head
+    head = spec.get("head")
+    if not isinstance(head, Mapping) or not ("source" in head or head.get("zeroshot")):
+        raise ConfigError(f"{where}.head: required for image experts ({{source: ...}} or "
+                          "{zeroshot: true})")
+    if head.get("zeroshot") and "zeroshot_model" not in cfg:
+        raise ConfigError(f"config field zeroshot_model: required by {where[13:]}.head.zeroshot "
+                          "(a full CLIP checkpoint with its text tower)")
 
 
 def _parse_selection(cfg: Mapping, groups: Mapping, methods: Mapping[str, Method]):

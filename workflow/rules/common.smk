@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 sys.path.insert(
     0, str(Path(workflow.basedir) / "src")
@@ -13,10 +12,16 @@ sys.path.insert(
 
 from submerge import merges
 from submerge.errors import ConfigError
-from submerge.recipe import NO_BETA, VALUE_PATTERN, parse_config
+from submerge.fingerprint import script_fingerprint
+from submerge.io.atomic import clean_stale_temporaries
+from submerge.recipe import check_schema, parse_config
+from submerge.stages import fetch as FETCH
+from submerge.stages.evaldata import needs_eval_data
 
-validate(config, schema="../schemas/config.schema.yaml", set_default=False)
-try:
+try:  # one line naming the config field at fault, before any job
+    check_schema(
+        config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    )
     RECIPE = parse_config(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
@@ -28,13 +33,17 @@ GROUPS = RECIPE.groups
 METHODS = RECIPE.methods
 PAIRS = RECIPE.pairs()  # every (group, method) that is merged and evaluated
 GPU = 1 if RECIPE.gpu else 0
+POINT_CACHE = (
+    f"{R}/cache/points"  # content-addressed results of every evaluated grid point
+)
 
 
 wildcard_constraints:
     expert="|".join(EXPERTS),
     group="|".join(GROUPS),
     method="|".join(METHODS),
-    point=f"a{VALUE_PATTERN}_b(?:{VALUE_PATTERN}|{NO_BETA})",
+    part=r"[0-9]+",
+    run=r"(hogsvd|random)-[0-9]+",
 
 
 def members(group):
@@ -46,7 +55,24 @@ def model_file(name):
 
 
 def grid_files(group, method):
+    """The per-point validation files of a (group, method), inside its sweep's directory."""
     return [f"{R}/grid/{group}/{method}/{p.name}.json" for p in METHODS[method].grid()]
+
+
+def grid_parts(method):
+    """The method's grid in parts of eval.points_per_job points (one part: no split)."""
+    points, size = METHODS[method].grid(), RECIPE.eval.points_per_job
+    if size is None:
+        return [points]
+    return [points[i : i + size] for i in range(0, len(points), size)]
+
+
+def code(script, merges=False):
+    """The fingerprint of the code a rule's script runs (docstrings and comments left out;
+    ``merges``: it runs merge functions): a job param, so that a real code change reruns the
+    jobs that run it (profiles/default: rerun-triggers)."""
+    path = Path(workflow.basedir) / "scripts" / f"{script}.py"
+    return script_fingerprint(path, merges=merges)
 
 
 def selection():
@@ -68,8 +94,27 @@ def reference_files(wildcards):
     return [f"{R}/reference/{e}.json" for e in members(wildcards.group)]
 
 
-def method_grid_files(wildcards):
-    return grid_files(wildcards.group, wildcards.method)
+def method_points(wildcards):
+    return [p.name for p in METHODS[wildcards.method].grid()]
+
+
+def part_points(wildcards):
+    return [p.name for p in grid_parts(wildcards.method)[int(wildcards.part)]]
+
+
+def sweep_inputs(wildcards):
+    g, m = wildcards.group, wildcards.method
+    inputs = {
+        "base": model_file("base"),
+        "merged": f"{R}/merged/{g}/{m}.h5",
+        "heads": head_files(wildcards),
+        "references": reference_files(wildcards),
+    }
+    if RECIPE.eval.points_per_job is not None:  # the parts fill the cache first
+        inputs["parts"] = [
+            f"{R}/grid/{g}/{m}.parts/{i}.json" for i in range(len(grid_parts(m)))
+        ]
+    return inputs
 
 
 def merged_inputs(wildcards):
@@ -120,8 +165,16 @@ def method_params(wildcards):
     return METHODS[wildcards.method].to_params()
 
 
-def eval_params():
-    return RECIPE.eval.to_params()
+def result_config():
+    """The config less the settings that change no result (recipe.runtime_settings, gpu)."""
+    out = {k: v for k, v in config.items() if k not in ("device", "gpu")}
+    if "eval" in out:
+        out["eval"] = {k: v for k, v in out["eval"].items() if k != "batch_size"}
+    return out
+
+
+def eval_params(choice=False):
+    return RECIPE.eval.to_params(choice=choice)
 
 
 # ------------------------------------------------------- evaluate.smk (scores, selection)
@@ -129,10 +182,14 @@ def eval_params():
 
 def score_inputs(wildcards):
     return {
-        "grid": [f for g, m in PAIRS for f in grid_files(g, m)],
+        "grid": [f"{R}/grid/{g}/{m}" for g, m in PAIRS],
         "test": test_files(wildcards),
         "references": [f"{R}/reference/{e}.json" for e in EXPERTS],
     }
+
+
+def all_point_files(wildcards):
+    return [f for g, m in PAIRS for f in grid_files(g, m)]
 
 
 def selection_universe():
@@ -166,9 +223,89 @@ def selection_method_params(wildcards):
     return METHODS[selection().method].to_params()
 
 
+def selection_run_files(wildcards):
+    return [f"{R}/selection/runs/{run}.csv" for run in selection().runs()]
+
+
 def selection_grid_params(wildcards):
     method = METHODS[selection().method]
     return {"alphas": list(method.alphas), "betas": list(method.betas)}
+
+
+# ------------------------------------------ evaluation data (evaldata.smk, decoded once)
+
+
+def eval_data_files(experts, splits=("val", "test")):
+    """rule eval_data's files of the image-dataset experts among ``experts``."""
+    return [
+        f"{R}/evaldata/{e}/{s}.safetensors"
+        for e in experts
+        if needs_eval_data(RECIPE.suite.experts[e])
+        for s in splits
+    ]
+
+
+def eval_data_max_examples(wildcards):
+    return RECIPE.eval.max_examples(wildcards.split)
+
+
+def expert_eval_data(wildcards):
+    return eval_data_files([wildcards.expert])
+
+
+def group_val_eval_data(wildcards):
+    return eval_data_files(members(wildcards.group), ("val",))
+
+
+def group_eval_data(wildcards):
+    return eval_data_files(members(wildcards.group))
+
+
+def selection_eval_data(wildcards):
+    return eval_data_files(selection_universe())
+
+
+# ---------------------------------------------------- downloads (fetch.smk, on the submit host)
+# ancient(): a fetch job that runs again (e.g. after a change to the download code) makes no
+# model stale; a changed source still reruns its model (the suite view is in its params)
+
+
+def base_downloads(wildcards):
+    return ancient(FETCH.build_records(RECIPE.suite.view, R, "base"))
+
+
+def expert_downloads(wildcards):
+    return ancient(FETCH.build_records(RECIPE.suite.view, R, wildcards.expert))
+
+
+def expert_data_downloads(wildcards):
+    return ancient(FETCH.eval_records(RECIPE.suite.view, R, [wildcards.expert]))
+
+
+def group_data_downloads(wildcards):
+    return ancient(FETCH.eval_records(RECIPE.suite.view, R, members(wildcards.group)))
+
+
+def selection_data_downloads(wildcards):
+    return ancient(FETCH.eval_records(RECIPE.suite.view, R, selection_universe()))
+
+
+def lock_suite():
+    """Hold results/{suite}/.run.lock for the whole run: a second run on the same suite in this
+    directory is refused, runs on other suites go on. (Snakemake's own locks cannot do this:
+    9.27 removes the whole .snakemake/locks/ when any run ends.)"""
+    from filelock import FileLock, Timeout
+
+    global SUITE_LOCK
+    Path(R).mkdir(parents=True, exist_ok=True)
+    SUITE_LOCK = FileLock(f"{R}/.run.lock")
+    try:
+        SUITE_LOCK.acquire(timeout=0)
+    except Timeout:
+        raise WorkflowError(
+            f"another run on suite {SUITE!r} is running in this directory (it holds "
+            f"{R}/.run.lock): wait for it to end, or stop it"
+        ) from None
 
 
 def all_targets():

@@ -1,6 +1,6 @@
-# Stage 3b + 4: per (group, method) the merged task vector Δ_merge (without α) and, for boosted
-# methods, the per-layer SVD of each boosted matrix (computed once); then one job per
-# (group, method, α, β) grid point that reconstructs from the cache and evaluates on validation.
+# Stage 3b: per (group, method) the merged task vector Δ_merge (without α) and, for boosted
+# methods, the per-layer SVD of each boosted matrix (computed once, so that every grid point
+# only rescales and reconstructs); the TALL-mask λ per task that Consensus needs.
 
 
 rule consensus_lambdas:
@@ -8,6 +8,8 @@ rule consensus_lambdas:
         base=model_file("base"),
         taskvectors=taskvector_files,
         heads=head_files,
+        downloads=group_data_downloads,
+        evaldata=group_val_eval_data,
     output:
         f"{R}/merged/{{group}}/tall_lambdas.json",
     log:
@@ -23,6 +25,7 @@ rule consensus_lambdas:
         suite=group_suite_params,
         lambdas=list(RECIPE.consensus_lambdas),
         eval=eval_params(),
+        code=code("consensus_lambdas"),
     script:
         "../../scripts/consensus_lambdas.py"
 
@@ -31,7 +34,8 @@ rule merged:
     input:
         unpack(merged_inputs),
     output:
-        f"{R}/merged/{{group}}/{{method}}.h5",
+        merged=f"{R}/merged/{{group}}/{{method}}.h5",
+        provenance=f"{R}/merged/{{group}}/{{method}}.h5.json",
     log:
         f"logs/{SUITE}/merged/{{group}}/{{method}}.log",
     benchmark:
@@ -43,33 +47,6 @@ rule merged:
     params:
         experts=group_members,
         method=method_params,
-        device=RECIPE.eval.device,
+        code=code("merged", merges=True),
     script:
         "../../scripts/merged.py"
-
-
-rule grid_point:
-    input:
-        base=model_file("base"),
-        merged=f"{R}/merged/{{group}}/{{method}}.h5",
-        heads=head_files,
-    output:
-        f"{R}/grid/{{group}}/{{method}}/{{point}}.json",
-    log:
-        f"logs/{SUITE}/grid/{{group}}/{{method}}/{{point}}.log",
-    benchmark:
-        f"benchmarks/{SUITE}/grid/{{group}}/{{method}}/{{point}}.tsv"
-    group:
-        "grid"
-    conda:
-        "../../envs/torch.yaml"
-    resources:
-        gpu=GPU,
-    params:
-        experts=group_members,
-        method=method_params,
-        suite=group_suite_params,
-        eval=eval_params(),
-        save_merged=RECIPE.save_merged,
-    script:
-        "../../scripts/grid_point.py"

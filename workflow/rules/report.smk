@@ -39,6 +39,7 @@ rule spectra_summary:
     params:
         n_experts={g: len(members) for g, members in RECIPE.groups.items()},
         methods={name: m.to_params() for name, m in RECIPE.methods.items()},
+        code=code("spectra_summary"),
     script:
         "../../scripts/spectra_summary.py"
 
@@ -57,12 +58,14 @@ rule hogsvd_summary:
         "../../envs/torch.yaml"
     params:
         group=HOGSVD_GROUP,
+        code=code("hogsvd_summary"),
     script:
         "../../scripts/hogsvd_summary.py"
 
 
-# tables and figures get the whole config as params: the jobs parse it with parse_config, any
-# change of it (a label included) reruns them, and every sidecar records it
+# tables and figures get the config as params (less the settings that change no result): the
+# jobs parse it with parse_config, any change of it (a label included) reruns them, and every
+# sidecar records it
 rule tables:
     input:
         **REPORT.rule_inputs(REPORT.TABLES, REPORT_INPUTS),
@@ -75,7 +78,8 @@ rule tables:
     conda:
         "../../envs/report.yaml"
     params:
-        config=config,
+        config=result_config(),
+        code=code("tables"),
     script:
         "../../scripts/tables.py"
 
@@ -92,6 +96,7 @@ rule figures:
     conda:
         "../../envs/report.yaml"
     params:
-        config=config,
+        config=result_config(),
+        code=code("figures"),
     script:
         "../../scripts/figures.py"

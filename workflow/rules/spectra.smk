@@ -1,20 +1,5 @@
-# Stage 3a: spectra caches that do not depend on a merge method: the per-layer SVD of each
-# expert's task vector, and the per-layer HO-GSVD of each group.
-
-
-rule expert_spectrum:
-    input:
-        f"{R}/taskvectors/{{expert}}.h5",
-    output:
-        f"{R}/spectra/{{expert}}.h5",
-    log:
-        f"logs/{SUITE}/expert_spectrum/{{expert}}.log",
-    benchmark:
-        f"benchmarks/{SUITE}/expert_spectrum/{{expert}}.tsv"
-    conda:
-        "../../envs/torch.yaml"
-    script:
-        "../../scripts/expert_spectrum.py"
+# Stage 3a: spectra caches that do not depend on a merge method: the per-layer HO-GSVD of each
+# group (each expert's own per-layer SVD is made with its task vector, checkpoints.smk).
 
 
 rule hogsvd:
@@ -34,6 +19,6 @@ rule hogsvd:
         experts=group_members,
         pi=RECIPE.hogsvd.pi,
         layers=RECIPE.hogsvd.layers,
-        device=RECIPE.eval.device,
+        code=code("hogsvd"),
     script:
         "../../scripts/hogsvd.py"

@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from submerge.errors import CheckpointError
-from submerge.io.atomic import atomic_path, write_text_atomic
+from submerge.io.atomic import write_text_atomic
+from submerge.io.checkpoints import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ def save_head(path: str | Path, weight: torch.Tensor, bias: torch.Tensor | None,
                "classes": None if classes is None else list(classes)}
     # sidecar first: a head file on disk always has its sidecar
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n")
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+    save_safetensors(tensors, path)  # the umask's file mode, like every result
 
 
 def head_path(root: str | Path, expert: str) -> Path:
@@ -197,18 +196,20 @@ def load_head(root: str | Path, expert: str) -> tuple[torch.Tensor, torch.Tensor
     sidecar = path.with_suffix(".json")
     if not path.is_file():
         raise CheckpointError(f"head of expert {expert!r} not found: {path}")
+    rerun = f"delete {path} and rerun (rule expert_model)"  # the head and its sidecar are its outputs
     if not sidecar.is_file():
-        raise CheckpointError(f"head sidecar of expert {expert!r} not found: {sidecar}")
+        raise CheckpointError(f"head sidecar of expert {expert!r} not found: {sidecar}: {rerun}")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read head of expert {expert!r}: {err}") from err
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read head of expert {expert!r}: {err} "
+                              f"(truncated or not safetensors): {rerun}") from err
     try:
         raw = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{sidecar}: cannot read head sidecar: {err}") from err
+        raise CheckpointError(f"{sidecar}: cannot read head sidecar: {err}: {rerun}") from err
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{sidecar}: expected a JSON object")
+        raise CheckpointError(f"{sidecar}: expected a JSON object: {rerun}")
 
     weight, bias = tensors.get("weight"), tensors.get("bias")
     extra = set(tensors) - {"weight", "bias"}

@@ -30,6 +30,14 @@ is read from it), optional ``num_workers`` (DataLoader workers, default 0).
 
 Splits follow tall_masks / FusionBench: "val" = 10% of train (at most 5000, seed 0),
 "test" = the official test split. The head is read from ``{root}/heads/{expert}.safetensors``.
+
+Prepared evaluation data (``rule eval_data``, :mod:`submerge.stages.evaldata`): the evaluated
+examples of one split (the ``max_examples`` subset already applied), decoded and put through
+the geometric part of the preprocessing once (:func:`prepare_split`), stored as safetensors
+``images`` (uint8 N×S×S×3) and ``labels`` (int64 N) with a JSON sidecar (:func:`save_prepared`).
+A :class:`VisionTask` given such a file (``prepared={split: path}`` or :meth:`VisionTask.
+use_prepared`) reads it instead of the dataset and applies only the tensor part (an exact
+lookup table): the same accuracies, bit for bit, as decoding the dataset.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import torch
 
 from submerge.data.heads import head_logits, load_head
 from submerge.errors import CheckpointError, ConfigError
-from submerge.models import get_adapter
+from submerge.models import ImageTensor, get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +225,18 @@ def image_transform(suite_cfg: Mapping) -> Callable:
     return get_adapter(suite_cfg.get("adapter")).image_transform(suite_cfg.get("arch"))
 
 
+def image_geometry(suite_cfg: Mapping) -> Callable:
+    """The geometric part of :func:`image_transform` (resize, center crop, RGB): PIL image ->
+    uint8 array (S, S, 3) (:meth:`submerge.models.Adapter.image_geometry`)."""
+    return get_adapter(suite_cfg.get("adapter")).image_geometry(suite_cfg.get("arch"))
+
+
+def image_tensor(suite_cfg: Mapping) -> ImageTensor:
+    """The tensor part of :func:`image_transform`: uint8 (B, S, S, 3) -> float (B, 3, S, S),
+    on the images' device (:meth:`submerge.models.Adapter.image_tensor`)."""
+    return get_adapter(suite_cfg.get("adapter")).image_tensor(suite_cfg.get("arch"))
+
+
 def to_pil(image):
     """A PIL RGB image from a PIL image or an HxW / HxWxC uint8 array."""
     import PIL.Image
@@ -238,12 +258,140 @@ class _ImageRows(torch.utils.data.Dataset):
         return self.transform(to_pil(row[self.image_key])), int(row[self.label_key])
 
 
+# ----------------------------------------------------------------------------- prepared data
+
+PREPARED_RULE = "eval_data"
+_VERIFIED: dict[tuple[str, int, int], str] = {}   # (file, size, mtime_ns) -> sha256 checked in this process
+
+
+def _effective_max(max_examples: int | None, n_split: int) -> int | None:
+    """``max_examples`` as :func:`subset_indices` uses it: None when it keeps the whole split."""
+    return None if max_examples is None or max_examples >= n_split else int(max_examples)
+
+
+def _redo(path: Path) -> str:
+    return f"delete {path} and rerun (rule {PREPARED_RULE})"
+
+
+def _as_json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def prepare_split(suite_cfg: Mapping, expert: str, split: str, max_examples: int | None = None,
+                  *, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(images, labels, meta)`` of the examples of ``split`` that :meth:`VisionTask.accuracy`
+    evaluates with ``max_examples``: images (uint8 N×S×S×3, the geometric part of the
+    preprocessing applied), labels (int64 N), in evaluation order; ``meta`` is what
+    :func:`save_prepared` writes to the sidecar."""
+    task = VisionTask(suite_cfg, expert, root=".")
+    ds = task.split(split)
+    n_split = len(ds)
+    if max_examples is not None:
+        ds = ds.select(subset_indices(n_split, max_examples))
+    n = len(ds)
+    if n == 0:
+        raise ConfigError(f"expert {expert!r}: the {split!r} split is empty")
+    size = get_adapter(suite_cfg.get("adapter")).image_size(suite_cfg.get("arch"))
+    images = torch.empty((n, size, size, 3), dtype=torch.uint8)
+    labels = torch.empty((n,), dtype=torch.int64)
+    loader = torch.utils.data.DataLoader(
+        _ImageRows(ds, task.cfg["image_key"], task.cfg["label_key"], image_geometry(suite_cfg)),
+        batch_size=batch_size, shuffle=False, num_workers=task.num_workers,
+    )
+    start = 0
+    for batch, batch_labels in loader:
+        if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != (size, size, 3):
+            raise RuntimeError(f"the geometric preprocessing gave {batch.dtype} {tuple(batch.shape[1:])}, "
+                               f"expected uint8 {(size, size, 3)}")
+        images[start:start + len(batch)] = batch
+        labels[start:start + len(batch)] = batch_labels
+        start += len(batch)
+    meta = {"format": 1, "expert": expert, "split": split, "n": n, "n_split": n_split,
+            "max_examples": _effective_max(max_examples, n_split), **task.prepared_identity()}
+    log.info("%s/%s: %d of %d examples prepared (%dx%d)", expert, split, n, n_split, size, size)
+    return images, labels, meta
+
+
+def save_prepared(path: str | Path, images: torch.Tensor, labels: torch.Tensor, meta: Mapping) -> None:
+    """Write prepared evaluation data atomically: safetensors ``images`` + ``labels`` and the
+    JSON sidecar ``path.with_suffix(".json")`` (``meta`` + the file's sha256)."""
+    from submerge.io.checkpoints import save_normalized
+
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"prepared images must be uint8 (N, S, S, 3), got {images.dtype} {tuple(images.shape)}")
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (images.shape[0],) or meta.get("n") != len(labels):
+        raise ValueError(f"prepared labels must be int64 ({images.shape[0]},) and meta n = {images.shape[0]}")
+    save_normalized({"images": images.contiguous(), "labels": labels.contiguous()}, path, dict(meta))
+
+
+def read_prepared_meta(path: str | Path) -> dict:
+    """The sidecar of a prepared file; CheckpointError naming the file when it cannot be read."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"prepared evaluation data {path} does not exist (rule {PREPARED_RULE})")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"prepared evaluation data {path}: cannot read its sidecar {sidecar} ({exc}): "
+                              f"{_redo(path)}") from exc
+    missing = [k for k in ("expert", "split", "n", "n_split", "max_examples", "dataset", "adapter",
+                           "image_size", "sha256") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"prepared evaluation data {path}: sidecar {sidecar} lacks {missing}: {_redo(path)}")
+    return meta
+
+
+class PreparedSplit:
+    """One prepared file, checked (sidecar, sha256 once per process, tensor shapes), read in
+    batches from a memory map."""
+
+    def __init__(self, path: str | Path, meta: Mapping | None = None):
+        from safetensors import SafetensorError, safe_open
+
+        from submerge.io.checkpoints import verify_sha256
+
+        self.path = path = Path(path)
+        self.meta = dict(meta) if meta is not None else read_prepared_meta(path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if _VERIFIED.get(key) != self.meta["sha256"]:
+            try:
+                verify_sha256(path, self.meta["sha256"])
+            except CheckpointError as exc:
+                raise CheckpointError(f"prepared evaluation data {path}: {exc} (the file is truncated or "
+                                      f"corrupt): {_redo(path)}") from exc
+            _VERIFIED[key] = self.meta["sha256"]
+        self.n = int(self.meta["n"])
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"prepared evaluation data {path}: cannot read it ({exc}): {_redo(path)}") from exc
+        size = int(self.meta["image_size"])
+        want = {"images": ("U8", (self.n, size, size, 3)), "labels": ("I64", (self.n,))}
+        if shapes != want:
+            raise CheckpointError(f"prepared evaluation data {path}: holds {shapes}, its sidecar says {want}: "
+                                  f"{_redo(path)}")
+
+    def batches(self, batch_size: int):
+        """``(uint8 images (B, S, S, 3), int64 labels (B,))`` in order, ``batch_size`` at a time."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            images, labels = f.get_slice("images"), f.get_tensor("labels")
+            for start in range(0, self.n, batch_size):
+                stop = min(start + batch_size, self.n)
+                yield images[start:stop], labels[start:stop]
+
+
 # ----------------------------------------------------------------------------- the task
 
 class VisionTask:
     """Accuracy of an image encoder + the expert's head on a Hugging Face image dataset."""
 
-    def __init__(self, suite_cfg: Mapping, expert: str, *, root: str | Path):
+    def __init__(self, suite_cfg: Mapping, expert: str, *, root: str | Path,
+                 prepared: Mapping[str, str | Path] | None = None):
         experts = suite_cfg.get("experts") or {}
         if expert not in experts:
             raise ConfigError(f"expert {expert!r} is not in the suite's experts")
@@ -253,9 +401,52 @@ class VisionTask:
         if self.cfg["kind"] != "image":
             raise ConfigError(f"expert {expert!r}: dataset.kind must be 'image' for a vision task, "
                               f"got {self.cfg['kind']!r}")
+        self.adapter_name = suite_cfg.get("adapter")
+        self.image_size = get_adapter(self.adapter_name).image_size(suite_cfg.get("arch"))
         self.transform = image_transform(suite_cfg)
+        self.tensor = image_tensor(suite_cfg)
         self.num_workers = int(suite_cfg.get("num_workers", 0))
         self._splits: dict[str, object] = {}
+        self._prepared: dict[str, tuple[Path, dict]] = {}
+        self._opened: dict[str, PreparedSplit] = {}
+        for split, path in (prepared or {}).items():
+            self.use_prepared(split, path)
+
+    def prepared_identity(self) -> dict:
+        """What a prepared file of this task must have been made with (besides split and
+        max_examples): the dataset block, the adapter and the input size."""
+        return {"dataset": _as_json(self.cfg), "adapter": self.adapter_name, "image_size": self.image_size}
+
+    def use_prepared(self, split: str, path: str | Path) -> None:
+        """Evaluate ``split`` from the prepared file ``path`` (rule eval_data) instead of the
+        dataset; CheckpointError when the file was made for another expert, split, dataset or
+        preprocessing (``max_examples`` is checked by :meth:`accuracy`)."""
+        if split not in SPLITS:
+            raise ValueError(f"expert {self.name!r}: unknown split {split!r}; expected one of {SPLITS}")
+        path = Path(path)
+        meta = read_prepared_meta(path)
+        made = {"expert": meta["expert"], "split": meta["split"], "dataset": meta["dataset"],
+                "adapter": meta["adapter"], "image_size": meta["image_size"]}
+        want = {"expert": self.name, "split": split, **self.prepared_identity()}
+        if made != want:
+            diff = sorted(k for k in want if made[k] != want[k])
+            raise CheckpointError(f"prepared evaluation data {path} was made for another {', '.join(diff)} "
+                                  f"({[made[k] for k in diff]}, this task: {[want[k] for k in diff]}): "
+                                  f"{_redo(path)}")
+        self._prepared[split] = (path, meta)
+        self._opened.pop(split, None)
+
+    def _prepared_split(self, split: str, max_examples: int | None) -> PreparedSplit | None:
+        if split not in self._prepared:
+            return None
+        path, meta = self._prepared[split]
+        if _effective_max(max_examples, meta["n_split"]) != meta["max_examples"]:
+            raise ConfigError(f"expert {self.name!r}: evaluating {split!r} with max_examples={max_examples}, "
+                              f"but the prepared file {path} holds max_examples={meta['max_examples']} "
+                              f"(of {meta['n_split']}): the eval_data rule and the evaluation disagree")
+        if split not in self._opened:
+            self._opened[split] = PreparedSplit(path, meta)
+        return self._opened[split]
 
     def split(self, split: str):
         """The Hugging Face dataset of ``split`` ("val" or "test"), columns checked, cached."""
@@ -280,21 +471,35 @@ class VisionTask:
                  max_examples: int | None = None) -> float:
         """Top-1 accuracy in [0, 1] of ``adapter.encode(module, images)`` + head on ``split``.
 
-        ``max_examples`` evaluates a seeded random subset (:func:`subset_indices`).
+        ``max_examples`` evaluates a seeded random subset (:func:`subset_indices`). A split
+        with a prepared file (:meth:`use_prepared`) is read from it, in the same batches, with
+        the same input tensors; the dataset is not opened.
         """
-        ds = self.split(split)
-        if max_examples is not None:
-            ds = ds.select(subset_indices(len(ds), max_examples))
-        if len(ds) == 0:
-            raise ConfigError(f"expert {self.name!r}: the {split!r} split is empty")
+        prepared = self._prepared_split(split, max_examples)
+        if prepared is not None:
+            n, source = prepared.n, f" (prepared {prepared.path})"
+            loader = prepared.batches(batch_size)
+
+            def inputs(images):
+                return self.tensor(images.to(device))
+        else:
+            ds = self.split(split)
+            if max_examples is not None:
+                ds = ds.select(subset_indices(len(ds), max_examples))
+            n, source = len(ds), ""
+            if n == 0:
+                raise ConfigError(f"expert {self.name!r}: the {split!r} split is empty")
+            loader = torch.utils.data.DataLoader(
+                _ImageRows(ds, self.cfg["image_key"], self.cfg["label_key"], self.transform),
+                batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+            )
+
+            def inputs(images):
+                return images.to(device)
         weight, bias, meta = self.head()
         weight = weight.to(device=device, dtype=torch.float32)
         bias = None if bias is None else bias.to(device=device, dtype=torch.float32)
         n_classes = weight.shape[0]
-        loader = torch.utils.data.DataLoader(
-            _ImageRows(ds, self.cfg["image_key"], self.cfg["label_key"], self.transform),
-            batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-        )
         was_training = module.training
         module.eval()
         correct = 0
@@ -303,7 +508,7 @@ class VisionTask:
                 if labels.min() < 0 or labels.max() >= n_classes:
                     raise ConfigError(f"expert {self.name!r}: dataset.label_key {self.cfg['label_key']!r} has "
                                       f"labels outside [0, {n_classes}) (the head's classes)")
-                features = adapter.encode(module, images.to(device)).float()
+                features = adapter.encode(module, inputs(images)).float()
                 if features.shape[-1] != weight.shape[1]:
                     raise CheckpointError(
                         f"expert {self.name!r}: the encoder gives {features.shape[-1]}-d features, the head "
@@ -313,6 +518,6 @@ class VisionTask:
                 correct += int((pred == labels).sum())
         finally:
             module.train(was_training)
-        acc = correct / len(ds)
-        log.info("%s/%s: accuracy %.4f on %d examples", self.name, split, acc, len(ds))
+        acc = correct / n
+        log.info("%s/%s: accuracy %.4f on %d examples%s", self.name, split, acc, n, source)
         return acc

@@ -8,10 +8,18 @@
 * :func:`save_normalized` / :func:`load_normalized`: the normalised form of a checkpoint,
   a safetensors file plus a JSON sidecar (``path.with_suffix(".json")``) holding the
   caller's metadata and the written file's sha256, dtype and parameter count.
+* :func:`save_safetensors`: every ``.safetensors`` result is written through it (serialised
+  in memory, then written by :mod:`submerge.io.atomic`: no temporary file of the
+  safetensors library, and the umask's file mode).
+
+A normalised checkpoint that cannot be read (a garbage sidecar, a truncated or garbage
+safetensors file, a hash mismatch) raises :class:`CheckpointError` naming the file and
+the workflow rule to rerun.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,10 +30,11 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _safetensors_bytes
 
 from submerge.errors import CheckpointError
-from submerge.io.atomic import atomic_path, sha256_file, write_text_atomic
+from submerge.io.atomic import sha256_file, write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +144,21 @@ def _safetensors_ready(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> str:
+    """Write ``tensors`` (contiguous CPU tensors) to ``path`` as safetensors, atomically; its sha256.
+
+    The bytes are those of ``safetensors.torch.save_file`` (same serialiser), built in
+    memory and written through :func:`submerge.io.atomic.write_bytes_atomic`: the file gets
+    the umask's mode (``save_file`` writes a 0600 temporary of its own and renames it), and
+    a killed job leaves only temporaries that :func:`~submerge.io.atomic.clean_stale_temporaries`
+    recognises. Needs memory for one serialised copy.
+    """
+    data = _safetensors_bytes(dict(tensors), metadata=None if metadata is None else dict(metadata))
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_normalized(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: dict) -> None:
     """Write ``state_dict`` to ``path`` (safetensors) and ``meta`` to its JSON sidecar, atomically.
 
@@ -152,9 +176,7 @@ def save_normalized(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     except TypeError as exc:
         raise ValueError(f"meta for {path} is not JSON-serialisable: {exc}") from exc
     tensors = _safetensors_ready(state_dict)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        digest = sha256_file(tmp)
+    digest = save_safetensors(tensors, path, metadata={"format": "pt"})
     sidecar = {
         **meta,
         "sha256": digest,
@@ -164,23 +186,57 @@ def save_normalized(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
 
+def _normalized_rule(path: Path, meta: object = None) -> str:
+    """What to do about a broken normalised checkpoint: the rule that wrote it, from its
+    sidecar's fields or else from where it lies (``models/base``, ``models/experts/*``)."""
+    rule = None
+    if isinstance(meta, Mapping):
+        if meta.get("model") == "base":
+            rule = "base_model"
+        elif isinstance(meta.get("model"), str):
+            rule = "expert_model"
+        elif "method" in meta and "group" in meta:
+            rule = "sweep"
+    if rule is None:
+        if path.name == "base.safetensors" and path.parent.name == "models":
+            rule = "base_model"
+        elif path.parent.name == "experts" and path.parent.parent.name == "models":
+            rule = "expert_model"
+    if rule is None:
+        return f"delete {path} and rerun the rule that wrote it"
+    return f"delete {path} and rerun (rule {rule})"
+
+
 def load_normalized(path: str | os.PathLike, *, verify: bool = True) -> tuple[StateDict, dict]:
     """Read a checkpoint written by :func:`save_normalized`: ``(state_dict, sidecar)``.
 
-    With ``verify`` the file's sha256 is checked against the sidecar.
+    With ``verify`` the file's sha256 is checked against the sidecar. Any unreadable part
+    raises :class:`CheckpointError` naming the file and the rule to rerun.
     """
     path = Path(path)
     sidecar_path = path.with_suffix(".json")
     if not path.is_file():
         raise CheckpointError(f"normalised checkpoint {path} does not exist")
     if not sidecar_path.is_file():
-        raise CheckpointError(f"normalised checkpoint {path} has no sidecar {sidecar_path}")
-    meta = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        raise CheckpointError(f"normalised checkpoint {path} has no sidecar {sidecar_path}: "
+                              f"{_normalized_rule(path)}")
+    try:
+        meta = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{sidecar_path}: cannot read the sidecar of {path} ({exc}): "
+                              f"{_normalized_rule(path)}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{sidecar_path}: the sidecar of {path} is not a JSON object: "
+                              f"{_normalized_rule(path)}")
+    advice = _normalized_rule(path, meta)
     if verify:
         if "sha256" not in meta:
-            raise CheckpointError(f"sidecar {sidecar_path} has no field 'sha256'")
-        verify_sha256(path, meta["sha256"])
+            raise CheckpointError(f"sidecar {sidecar_path} has no field 'sha256': {advice}")
+        try:
+            verify_sha256(path, meta["sha256"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (the file is truncated or corrupt): {advice}") from exc
     try:
         return load_file(path), meta
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read safetensors checkpoint {path} ({exc}): {advice}") from exc

@@ -10,6 +10,17 @@ Factored store (:func:`write_factored`): a merged task vector as dense tensors u
 ``factors/<key>/<block>/{U,S,Vh}``; the ``factors/<key>`` group carries the key's layer
 info and ``n_blocks``.
 
+Both record, LAST (after every dataset), a manifest: the dataset ``__manifest__`` holding
+JSON ``{"format", "version", "kind" ("state_dict" | "factored"), "n_datasets",
+"entries_sha256", "entries"}``; ``entries`` lists every key with its ``shape``, ``dtype``
+(torch name) and ``stored`` (numpy dtype of the data), and for a factored key its
+``n_blocks`` and each row block's U/S/Vh. Every reader checks the file against it first:
+the manifest is present and intact, every listed key / factor / row block exists with the
+recorded shape and dtype, and nothing unlisted is there. Otherwise, and for a truncated or
+non-HDF5 file, :class:`CheckpointError` names the file, the key and what to do (delete it
+and rerun the workflow rule that wrote it, inferred from the file's attributes:
+``task_vector``, ``merged`` or ``expert_spectrum``).
+
 Files are written to a temporary name and renamed (:mod:`submerge.io.atomic`), and opened
 without HDF5 file locking (they are never modified after the rename; locking fails on
 some cluster file systems).
@@ -17,10 +28,12 @@ some cluster file systems).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -33,12 +46,23 @@ from submerge.layers import LayerInfo
 StateDict = dict[str, torch.Tensor]
 Factors = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 _JSON_ATTRS = "__json_attrs__"  # names of file attributes stored as JSON text
+MANIFEST = "__manifest__"  # dataset holding the manifest, written last
+_MANIFEST_FORMAT = "submerge.hdf5.manifest"
+_MANIFEST_VERSION = 1
+_FACTOR_NAMES = ("U", "S", "Vh")
+_GENERIC_ADVICE = "delete it and rerun the rule that wrote it"
 
 
 def _open(path: str | os.PathLike, mode: str) -> h5py.File:
     if mode == "r" and not Path(path).is_file():
         raise CheckpointError(f"HDF5 store {path} does not exist")
-    return h5py.File(path, mode, locking=False, track_order=True)
+    try:
+        return h5py.File(path, mode, locking=False, track_order=True)
+    except OSError as exc:
+        if mode != "r":
+            raise
+        raise CheckpointError(f"{path}: cannot open as HDF5 ({exc}); the file is truncated or not "
+                              f"an HDF5 file: {_GENERIC_ADVICE}") from exc
 
 
 def _write_attrs(obj: h5py.HLObject, attrs: Mapping) -> None:
@@ -79,13 +103,15 @@ def _read_info(obj: h5py.HLObject) -> LayerInfo:
     return LayerInfo(None if block < 0 else block, str(obj.attrs["kind"]), int(obj.attrs["stacked"]))
 
 
-def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor) -> h5py.Dataset:
+def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor) -> tuple[h5py.Dataset, dict]:
+    """The dataset and its manifest record."""
     t = tensor.detach().cpu()
     data = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     ds = group.create_dataset(name, data=data)
     ds.attrs["shape"] = np.asarray(t.shape, dtype=np.int64)
     ds.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
-    return ds
+    return ds, {"shape": [int(n) for n in t.shape], "dtype": str(t.dtype).removeprefix("torch."),
+                "stored": data.dtype.name}
 
 
 def _read_tensor(ds: h5py.Dataset) -> torch.Tensor:
@@ -97,81 +123,243 @@ def _read_tensor(ds: h5py.Dataset) -> torch.Tensor:
 def _check_key(key: str, layer_info: Mapping[str, LayerInfo], path) -> None:
     if "/" in key:
         raise ValueError(f"{path}: key {key!r} contains '/', which HDF5 reads as a group separator")
+    if key == MANIFEST:
+        raise ValueError(f"{path}: key {key!r} is reserved for the store's manifest")
     if key not in layer_info:
         raise ValueError(f"{path}: key {key!r} has no layer_info entry")
 
 
+# --- manifest -----------------------------------------------------------------------------
+
+def _entries_digest(entries: Mapping) -> str:
+    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+
+
+def _count(kind: str, entries: Mapping) -> int:
+    if kind == "state_dict":
+        return len(entries)
+    n_blocks = sum(rec["n_blocks"] for rec in entries["factors"].values())
+    return len(entries["dense"]) + len(_FACTOR_NAMES) * n_blocks
+
+
+def _write_manifest(f: h5py.File, kind: str, entries: Mapping) -> None:
+    """Record the manifest; called after every dataset is written."""
+    manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "kind": kind,
+                "n_datasets": _count(kind, entries), "entries_sha256": _entries_digest(entries),
+                "entries": entries}
+    f.create_dataset(MANIFEST, data=json.dumps(manifest), dtype=h5py.string_dtype("utf-8"))
+    f.flush()
+
+
+def _advice(f: h5py.File, kind: str) -> str:
+    """What to do about a broken store: rerun the rule its attributes say wrote it."""
+    try:
+        names = set(f.attrs.keys())
+    except Exception:  # noqa: BLE001 - a damaged header: no inference
+        return _GENERIC_ADVICE
+    rule = None
+    if kind == "state_dict" and ("expert_sha256" in names or {"expert", "base_sha256"} <= names):
+        rule = "expert_model"  # the expert's job extracts its task vector
+    elif kind == "factored" and "method" in names:
+        rule = "merged"
+    elif kind == "factored" and ("expert_sha256" in names or "expert" in names):
+        rule = "expert_model"  # spectra carry their task vector's attributes (same job)
+    return _GENERIC_ADVICE if rule is None else f"delete it and rerun rule {rule}"
+
+
+class _Check:
+    """Errors of one store, all naming the file and saying what to do."""
+
+    def __init__(self, path, f: h5py.File, kind: str):
+        self.path, self.advice = path, _advice(f, kind)
+
+    def error(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {what}: {self.advice}")
+
+    def missing(self, key: str, detail: str = "") -> CheckpointError:
+        return self.error(f"key {key!r} missing{detail} (the file is incomplete)")
+
+    def unlisted(self, name: str, where: str = "") -> CheckpointError:
+        return self.error(f"key {name!r}{where} is not in the manifest (the file was changed "
+                          "after it was written)")
+
+    def dataset(self, obj, key: str, rec: Mapping, detail: str = "") -> None:
+        if not isinstance(obj, h5py.Dataset):
+            raise self.missing(key, detail)
+        shape, dtype, stored = tuple(rec["shape"]), rec["dtype"], rec["stored"]
+        try:
+            got = (tuple(obj.shape), tuple(int(n) for n in obj.attrs["shape"]), str(obj.attrs["dtype"]),
+                   obj.dtype.name)
+        except (KeyError, OSError, TypeError) as exc:
+            raise self.error(f"key {key!r}{detail} is damaged ({exc})") from exc
+        if got != (shape, shape, dtype, stored):
+            raise self.error(f"key {key!r}{detail} has shape {got[1]}, dtype {got[2]} (stored "
+                             f"{got[0]}, {got[3]}), the manifest records {shape}, {dtype} (stored "
+                             f"{stored}) (the file is damaged)")
+
+    def members(self, group: h5py.Group, listed, where: str = "") -> None:
+        listed = set(listed)
+        for name in group.keys():
+            if name not in listed:
+                raise self.unlisted(name, where)
+
+
+def _verify(f: h5py.File, path, kind: str) -> tuple[dict, _Check]:
+    """The manifest's entries after checking the file against them."""
+    check = _Check(path, f, kind)
+    if MANIFEST not in f:
+        raise check.error("no manifest (the file is incomplete, or was written before submerge "
+                          "recorded manifests)")
+    try:
+        manifest = json.loads(f[MANIFEST].asstr()[()])
+        entries = manifest["entries"]
+        ok = (manifest["format"] == _MANIFEST_FORMAT and manifest["version"] == _MANIFEST_VERSION
+              and manifest["entries_sha256"] == _entries_digest(entries)
+              and manifest["n_datasets"] == _count(manifest["kind"], entries))
+    except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise check.error(f"unreadable manifest ({type(exc).__name__}: {exc})") from exc
+    if not ok:
+        raise check.error("corrupt manifest (format, checksum or dataset count does not match)")
+    if manifest["kind"] != kind:
+        names = {"state_dict": "a task-vector (state dict) store", "factored": "a factored store"}
+        raise CheckpointError(f"HDF5 store {path} is {names.get(manifest['kind'], manifest['kind'])}, "
+                              f"not {names[kind]}")
+    if kind == "state_dict":
+        for key, rec in entries.items():
+            check.dataset(f.get(key), key, rec)
+        check.members(f, [*entries, MANIFEST])
+        return entries, check
+    for group in ("dense", "factors"):
+        if not isinstance(f.get(group), h5py.Group):
+            raise check.error(f"group {group!r} missing (the file is incomplete)")
+    check.members(f, ["dense", "factors", MANIFEST])
+    for key, rec in entries["dense"].items():
+        check.dataset(f["dense"].get(key), key, rec)
+    check.members(f["dense"], entries["dense"], " (dense)")
+    for key, rec in entries["factors"].items():
+        group = f["factors"].get(key)
+        if not isinstance(group, h5py.Group):
+            raise check.missing(key)
+        n_blocks = int(rec["n_blocks"])
+        try:
+            recorded = int(group.attrs["n_blocks"])
+        except (KeyError, OSError, TypeError, ValueError) as exc:
+            raise check.error(f"key {key!r} is damaged ({exc})") from exc
+        if recorded != n_blocks:
+            raise check.error(f"key {key!r} has {recorded} row blocks, the manifest records {n_blocks}")
+        for i, block_rec in enumerate(rec["blocks"]):
+            block = group.get(str(i))
+            if not isinstance(block, h5py.Group):
+                raise check.missing(key, f" row block {i}")
+            for name in _FACTOR_NAMES:
+                check.dataset(block.get(name), key, block_rec[name], f" factor {name!r} of row block {i}")
+            check.members(block, _FACTOR_NAMES, f" (in row block {i} of key {key!r})")
+        check.members(group, [str(i) for i in range(n_blocks)], f" (a row block of key {key!r})")
+    check.members(f["factors"], entries["factors"], " (factors)")
+    return entries, check
+
+
+@contextlib.contextmanager
+def _reading(check: _Check) -> Iterator[None]:
+    """Errors of h5py while reading data (a damaged file) as CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, KeyError) as exc:
+        raise check.error(f"cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+# --- stores --------------------------------------------------------------------------------
+
 def write_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
                      layer_info: Mapping[str, LayerInfo], attrs: Mapping) -> None:
-    """Write a (task-vector) state dict, one dataset per key, atomically."""
+    """Write a (task-vector) state dict, one dataset per key, and its manifest, atomically."""
     with atomic_path(path) as tmp, _open(tmp, "w") as f:
         _write_attrs(f, attrs)
+        entries = {}
         for key, tensor in sd.items():
             _check_key(key, layer_info, path)
-            _info_attrs(_write_tensor(f, key, tensor), layer_info[key])
+            ds, entries[key] = _write_tensor(f, key, tensor)
+            _info_attrs(ds, layer_info[key])
+        _write_manifest(f, "state_dict", entries)
 
 
 def read_state_dict(path: str | os.PathLike, keys: Sequence[str] | None = None
                     ) -> tuple[StateDict, dict[str, LayerInfo], dict]:
-    """``(state_dict, layer_info, attrs)`` of a store, all keys or only ``keys``."""
+    """``(state_dict, layer_info, attrs)`` of a store, all keys or only ``keys``.
+
+    The whole store is checked against its manifest first (any subset read)."""
     with _open(path, "r") as f:
-        names = list(f.keys()) if keys is None else list(keys)
+        entries, check = _verify(f, path, "state_dict")
+        names = list(entries) if keys is None else list(keys)
         sd, info = {}, {}
-        for key in names:
-            if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
-            sd[key] = _read_tensor(f[key])
-            info[key] = _read_info(f[key])
-        return sd, info, _read_attrs(f)
+        with _reading(check):
+            for key in names:
+                if key not in entries:
+                    raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
+                sd[key] = _read_tensor(f[key])
+                info[key] = _read_info(f[key])
+            return sd, info, _read_attrs(f)
 
 
 def read_key(paths: Sequence[str | os.PathLike], key: str) -> list[torch.Tensor]:
-    """One parameter from each of many stores, reading nothing else."""
+    """One parameter from each of many stores, reading no other data (each store is checked
+    against its manifest)."""
     out = []
     for path in paths:
         with _open(path, "r") as f:
-            if key not in f or not isinstance(f[key], h5py.Dataset):
+            entries, check = _verify(f, path, "state_dict")
+            if key not in entries:
                 raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
-            out.append(_read_tensor(f[key]))
+            with _reading(check):
+                out.append(_read_tensor(f[key]))
     return out
 
 
 def write_factored(path: str | os.PathLike, dense: Mapping[str, torch.Tensor], factors: Mapping[str, Factors],
                    layer_info: Mapping[str, LayerInfo], attrs: Mapping) -> None:
-    """Write a merged task vector as dense tensors plus per-key SVD row-block factors, atomically."""
+    """Write a merged task vector as dense tensors plus per-key SVD row-block factors, and its
+    manifest, atomically."""
     with atomic_path(path) as tmp, _open(tmp, "w") as f:
         _write_attrs(f, attrs)
+        entries: dict = {"dense": {}, "factors": {}}
         dense_group = f.create_group("dense", track_order=True)
         for key, tensor in dense.items():
             _check_key(key, layer_info, path)
-            _info_attrs(_write_tensor(dense_group, key, tensor), layer_info[key])
+            ds, entries["dense"][key] = _write_tensor(dense_group, key, tensor)
+            _info_attrs(ds, layer_info[key])
         factor_group = f.create_group("factors", track_order=True)
         for key, blocks in factors.items():
             _check_key(key, layer_info, path)
             group = factor_group.create_group(key)
             _info_attrs(group, layer_info[key])
             group.attrs["n_blocks"] = len(blocks)
+            records = []
             for i, block in enumerate(blocks):
                 if len(block) != 3:
                     raise ValueError(f"{path}: factors of key {key!r}, block {i}: expected (U, S, Vh)")
                 sub = group.create_group(str(i))
-                for name, tensor in zip(("U", "S", "Vh"), block):
-                    _write_tensor(sub, name, tensor)
+                records.append({name: _write_tensor(sub, name, tensor)[1]
+                                for name, tensor in zip(_FACTOR_NAMES, block)})
+            entries["factors"][key] = {"n_blocks": len(blocks), "blocks": records}
+        _write_manifest(f, "factored", entries)
 
 
 def read_factored(path: str | os.PathLike
                   ) -> tuple[StateDict, dict[str, Factors], dict[str, LayerInfo], dict]:
-    """``(dense, factors, layer_info, attrs)`` of a factored store."""
+    """``(dense, factors, layer_info, attrs)`` of a factored store, checked against its manifest."""
     with _open(path, "r") as f:
-        for group in ("dense", "factors"):
-            if group not in f:
-                raise CheckpointError(f"HDF5 store {path} has no group {group!r}; not a factored store")
+        entries, check = _verify(f, path, "factored")
         dense, factors, info = {}, {}, {}
-        for key, ds in f["dense"].items():
-            dense[key] = _read_tensor(ds)
-            info[key] = _read_info(ds)
-        for key, group in f["factors"].items():
-            info[key] = _read_info(group)
-            factors[key] = [tuple(_read_tensor(group[str(i)][name]) for name in ("U", "S", "Vh"))
-                            for i in range(int(group.attrs["n_blocks"]))]
-        return dense, factors, info, _read_attrs(f)
+        with _reading(check):
+            for key in entries["dense"]:
+                ds = f["dense"][key]
+                dense[key] = _read_tensor(ds)
+                info[key] = _read_info(ds)
+            for key, rec in entries["factors"].items():
+                group = f["factors"][key]
+                info[key] = _read_info(group)
+                factors[key] = [tuple(_read_tensor(group[str(i)][name]) for name in _FACTOR_NAMES)
+                                for i in range(int(rec["n_blocks"]))]
+            return dense, factors, info, _read_attrs(f)

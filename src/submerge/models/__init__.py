@@ -12,7 +12,10 @@ Besides the tower itself, an adapter owns everything else that depends on the
 architecture, so that no code outside this package compares adapter names:
 
 * :meth:`Adapter.image_size` / :meth:`Adapter.image_transform` -- the evaluation image
-  preprocessing of the CLIP towers (:mod:`submerge.data.vision` calls them);
+  preprocessing of the CLIP towers (:mod:`submerge.data.vision` calls them), split into its
+  geometric part :meth:`Adapter.image_geometry` (PIL image -> uint8 S×S×3 array, what
+  ``rule eval_data`` stores) and its tensor part :meth:`Adapter.image_tensor` (uint8 batch ->
+  normalised float batch, an exact per-channel lookup table, :class:`ImageTensor`);
 * :meth:`Adapter.zero_shot_model` -- the full CLIP (image and text tower) and its tokenizer
   that :func:`submerge.data.heads.zero_shot_head` needs;
 * :meth:`Adapter.score_choices` / :meth:`Adapter.generate` -- how a seq2seq language model
@@ -30,6 +33,7 @@ import importlib
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from submerge.errors import CheckpointError, ConfigError
@@ -38,6 +42,73 @@ from submerge.layers import LayerInfo
 
 StateDict = dict[str, torch.Tensor]
 ImageTransform = Callable[[Any], torch.Tensor]   # PIL RGB image -> float tensor (3, S, S)
+ImageGeometry = Callable[[Any], np.ndarray]      # PIL RGB image -> uint8 array (S, S, 3)
+
+
+class ImageTensor:
+    """The tensor part of an image preprocessing (to float, rescale, normalise): uint8 images
+    ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)``, contiguous, on the images' device.
+
+    Every output value depends only on its channel and its uint8 input value, so the whole
+    part is a lookup table of 3 × 256 floats, filled by running the library's own tensor
+    steps on the 256 values of each channel (:meth:`from_reference`): the values are bit for
+    bit those of the library's steps, on any device (a lookup is a copy).
+    """
+
+    def __init__(self, lut: torch.Tensor):
+        lut = torch.as_tensor(lut)
+        if lut.shape != (3, 256) or lut.dtype != torch.float32:
+            raise ValueError(f"ImageTensor needs a float32 (3, 256) lookup table, got {lut.dtype} {tuple(lut.shape)}")
+        self.lut = lut.contiguous()
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_reference(cls, steps: Callable[[np.ndarray], torch.Tensor], what: str) -> "ImageTensor":
+        """The table of ``steps`` (uint8 ``(H, W, 3)`` array -> float ``(3, H, W)``, e.g. a
+        library's ToTensor + Normalize), checked on a random image: a ``steps`` whose values do
+        not depend on the channel and the input value alone raises RuntimeError."""
+        row = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+        out = steps(row)
+        if out.dtype != torch.float32 or tuple(out.shape) != (3, 1, 256):
+            raise RuntimeError(f"{what}: the tensor steps give {out.dtype} {tuple(out.shape)} for a "
+                               "(1, 256, 3) uint8 image, expected float32 (3, 1, 256)")
+        table = cls(out.reshape(3, 256))
+        probe = np.random.RandomState(0).randint(0, 256, (7, 5, 3)).astype(np.uint8)
+        if not torch.equal(table(torch.from_numpy(probe)[None])[0], steps(probe)):
+            raise RuntimeError(f"{what}: the tensor steps are not a per-channel function of the uint8 "
+                               "values; their output cannot be precomputed from uint8 images")
+        return table
+
+    def __getstate__(self):  # DataLoader workers: no per-device copies
+        return {"lut": self.lut}
+
+    def __setstate__(self, state):
+        self.__init__(state["lut"])
+
+    def __call__(self, images) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"ImageTensor takes uint8 (B, H, W, 3) images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        device = images.device
+        if device not in self._on:
+            self._on[device] = self.lut.to(device)
+        lut = self._on[device]
+        b, h, w, _ = images.shape
+        out = torch.empty((b, 3, h, w), dtype=torch.float32, device=device)
+        for c in range(3):
+            out[:, c] = lut[c][images[..., c].to(torch.int32)]
+        return out
+
+
+class ComposedImageTransform:
+    """``tensor(geometry(image))`` for one image: PIL image -> float tensor (3, S, S)."""
+
+    def __init__(self, geometry: ImageGeometry, tensor: ImageTensor):
+        self.geometry, self.tensor = geometry, tensor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.tensor(torch.from_numpy(self.geometry(image))[None])[0]
 
 # name -> (module, class); imported on first use.
 _ADAPTERS: dict[str, tuple[str, str]] = {
@@ -115,10 +186,23 @@ class Adapter:
         raise ConfigError(f"adapter {self.name!r} has no image preprocessing; "
                           "expected open_clip_vit or hf_clip_vision")
 
-    def image_transform(self, arch: Mapping) -> ImageTransform:
-        """The evaluation preprocessing of the tower: PIL RGB image -> float tensor (3, S, S)."""
+    def image_geometry(self, arch: Mapping) -> ImageGeometry:
+        """The geometric part of the evaluation preprocessing (resize, crop, RGB): PIL RGB
+        image -> uint8 array (S, S, 3)."""
         raise ConfigError(f"adapter {self.name!r} has no image preprocessing; "
                           "expected open_clip_vit or hf_clip_vision")
+
+    def image_tensor(self, arch: Mapping) -> ImageTensor:
+        """The tensor part of the evaluation preprocessing: uint8 (B, S, S, 3) -> float
+        (B, 3, S, S), exactly the library's steps after :meth:`image_geometry`."""
+        raise ConfigError(f"adapter {self.name!r} has no image preprocessing; "
+                          "expected open_clip_vit or hf_clip_vision")
+
+    def image_transform(self, arch: Mapping) -> ImageTransform:
+        """The evaluation preprocessing of the tower: PIL RGB image -> float tensor (3, S, S);
+        :meth:`image_tensor` after :meth:`image_geometry`, bit for bit the library's own
+        transform."""
+        return ComposedImageTransform(self.image_geometry(arch), self.image_tensor(arch))
 
     # ------------------------------------------------------------------ zero-shot heads (CLIP)
 
@@ -227,4 +311,5 @@ def get_adapter(name: str) -> Adapter:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
-__all__ = ["Adapter", "ImageTransform", "StateDict", "get_adapter", "load_tokenizer"]
+__all__ = ["Adapter", "ComposedImageTransform", "ImageGeometry", "ImageTensor", "ImageTransform", "StateDict",
+           "get_adapter", "load_tokenizer"]

@@ -43,14 +43,16 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import cache
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.models import (
-    Adapter, ImageTransform, StateDict, block_count, load_tokenizer, load_zero_shot_state, require_arch_mapping,
-    square_image_size,
+    Adapter, ImageGeometry, ImageTensor, StateDict, block_count, load_tokenizer, load_zero_shot_state,
+    require_arch_mapping, square_image_size,
 )
 
 log = logging.getLogger(__name__)
@@ -69,17 +71,40 @@ _CLIP_TEXT = re.compile(r"text_model\..*|text_projection\.weight|logit_scale")  
 _TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")  # CLIPVisionModel, transformers 5
 
 
-class CLIPImageProcess:
+def clip_image_processor(size: int, **steps):
     """``CLIPImageProcessor`` for S (resize the shortest edge to S, center crop S×S, rescale,
-    OpenAI CLIP mean/std) applied to one PIL image -> float tensor (3, S, S)."""
+    OpenAI CLIP mean/std); ``steps`` switch steps off (``do_resize=False``, ...)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **steps)
+
+
+class CLIPImageGeometry:
+    """The resize and center crop of ``CLIPImageProcessor`` for S (rescale and normalise
+    switched off) on one PIL image -> the uint8 array (S, S, 3) the processor normalises."""
 
     def __init__(self, size: int):
-        from transformers import CLIPImageProcessor
+        self.processor = clip_image_processor(size, do_rescale=False, do_normalize=False)
 
-        self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    def __call__(self, image) -> np.ndarray:
+        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        if pixels.dtype != torch.uint8:
+            raise ValueError(f"CLIPImageProcessor without rescale/normalise gave {pixels.dtype} pixels, "
+                             "expected uint8")
+        return pixels.permute(1, 2, 0).contiguous().numpy()
 
-    def __call__(self, image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+@cache
+def _clip_image_parts(size: int) -> tuple[ImageGeometry, ImageTensor]:
+    """(geometry, tensor) parts of ``CLIPImageProcessor`` for S: resize + crop; rescale +
+    normalise (the processor run without resize and crop, as a lookup table)."""
+    import PIL.Image
+
+    processor = clip_image_processor(size, do_resize=False, do_center_crop=False)
+    table = ImageTensor.from_reference(
+        lambda array: processor(images=PIL.Image.fromarray(array), return_tensors="pt")["pixel_values"][0],
+        "CLIPImageProcessor")
+    return CLIPImageGeometry(size), table
 
 
 class HFCLIPVisionAdapter(Adapter):
@@ -175,10 +200,15 @@ class HFCLIPVisionAdapter(Adapter):
             raise ConfigError(f"arch is not a valid CLIPVisionConfig: {exc}") from exc
         return square_image_size(size)
 
-    def image_transform(self, arch: Mapping) -> ImageTransform:
-        """A ``CLIPImageProcessor`` for S = :meth:`image_size` (the steps and constants of
-        open_clip's evaluation transform), one image at a time."""
-        return CLIPImageProcess(self.image_size(arch))
+    def image_geometry(self, arch: Mapping) -> ImageGeometry:
+        """The resize (shortest edge to S, bicubic) and center crop of ``CLIPImageProcessor`` for
+        S = :meth:`image_size`: PIL image -> uint8 array (S, S, 3)."""
+        return _clip_image_parts(self.image_size(arch))[0]
+
+    def image_tensor(self, arch: Mapping) -> ImageTensor:
+        """The rescale and normalise (OpenAI CLIP mean/std) of that processor as an exact
+        lookup table: uint8 (B, S, S, 3) -> float (B, 3, S, S)."""
+        return _clip_image_parts(self.image_size(arch))[1]
 
     def zero_shot_model(self, arch: Mapping, raw: Mapping[str, torch.Tensor],
                         tokenizer_spec: Mapping | None = None, *,

@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import cache
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from submerge.errors import ConfigError
 from submerge.models import (
-    Adapter, ImageTransform, StateDict, block_count, check_arch_fields, load_zero_shot_state, require_arch_mapping,
-    square_image_size, strip_prefix,
+    Adapter, ImageGeometry, ImageTensor, StateDict, block_count, check_arch_fields, load_zero_shot_state,
+    require_arch_mapping, square_image_size, strip_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -141,14 +143,16 @@ class OpenClipViTAdapter(Adapter):
             size = arch.get("image_size")
         return square_image_size(size)
 
-    def image_transform(self, arch: Mapping) -> ImageTransform:
-        """``open_clip.image_transform(S, is_train=False)`` with OpenAI CLIP mean/std (bicubic
-        resize of the shorter side to S, center crop, normalise), S = :meth:`image_size`."""
-        size = self.image_size(arch)
-        import open_clip
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    def image_geometry(self, arch: Mapping) -> ImageGeometry:
+        """The steps of ``open_clip.image_transform(S, is_train=False)`` before ``ToTensor``
+        (bicubic resize of the shorter side to S, center crop, RGB), S = :meth:`image_size`:
+        PIL image -> uint8 array (S, S, 3)."""
+        return _open_clip_parts(self.image_size(arch))[0]
 
-        return open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    def image_tensor(self, arch: Mapping) -> ImageTensor:
+        """The steps of that transform from ``ToTensor`` on (to float, /255, normalise with the
+        OpenAI CLIP mean/std) as an exact lookup table: uint8 (B, S, S, 3) -> float (B, 3, S, S)."""
+        return _open_clip_parts(self.image_size(arch))[1]
 
     def zero_shot_model(self, arch: Mapping, raw: Mapping[str, torch.Tensor],
                         tokenizer_spec: Mapping | None = None, *,
@@ -170,3 +174,37 @@ class OpenClipViTAdapter(Adapter):
         tokenizer = open_clip.get_tokenizer(arch["model"])
         load_zero_shot_state(model, raw, source)
         return model, tokenizer
+
+
+class _PILSteps:
+    """open_clip's transform steps before ``ToTensor``, returning the uint8 array that
+    ``ToTensor`` would read (``np.array`` of the RGB PIL image)."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, image) -> np.ndarray:
+        out = self.steps(image)
+        if getattr(out, "mode", None) != "RGB":
+            raise ValueError(f"open_clip's geometric steps gave {out!r}, expected an RGB PIL image")
+        return np.array(out, dtype=np.uint8)
+
+
+@cache
+def _open_clip_parts(size: int) -> tuple[ImageGeometry, ImageTensor]:
+    """(geometry, tensor) parts of ``open_clip.image_transform(size, is_train=False)`` with the
+    OpenAI CLIP mean/std, split at its ``ToTensor`` step."""
+    import open_clip
+    import PIL.Image
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import Compose, ToTensor
+
+    transform = open_clip.image_transform(size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    steps = list(transform.transforms)
+    at = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
+    if at is None:
+        raise RuntimeError(f"open_clip.image_transform has no ToTensor step to split at: {transform}")
+    tensor_steps = Compose(steps[at:])
+    table = ImageTensor.from_reference(lambda array: tensor_steps(PIL.Image.fromarray(array)),
+                                       "open_clip image_transform")
+    return _PILSteps(Compose(steps[:at])), table

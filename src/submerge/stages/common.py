@@ -54,6 +54,15 @@ def load_source(spec: Mapping, what: str) -> tuple[dict, dict]:
     return raw, {"source": dict(source), "source_sha256": digest, "source_file": str(path)}
 
 
+def record_provenance(outputs: Sequence[PathLike], inputs: Sequence[PathLike]) -> None:
+    """The provenance sidecar of ``outputs`` (``<first output>.json``: the sha256 of every
+    input, with a pointer to the input's own sidecar, the code version, the command), so that
+    ``submerge audit --chain`` follows a result down to the checkpoints."""
+    from submerge.report.provenance import write_sidecar
+
+    write_sidecar(list(outputs), inputs=list(inputs))
+
+
 def load_base(base_path: PathLike, device: torch.device) -> dict:
     """The normalised base state dict on ``device`` (read once per job, reused per model)."""
     from submerge.io.checkpoints import load_normalized
@@ -87,11 +96,29 @@ def merged_module(suite: Suite, base: Mapping, delta: Mapping, alpha: float,
     return adapter, module.to(device).eval(), theta
 
 
-def evaluate_on(suite: Suite, experts: Sequence[str], adapter, module, split: str,
-                settings: EvalSettings, device) -> dict[str, float]:
-    """Accuracy of ``module`` on the ``split`` of each expert's task."""
-    from submerge.evaluate import evaluate, load_eval_task
+def load_tasks(suite: Suite, experts: Sequence[str], eval_data: Sequence[PathLike] = ()) -> list:
+    """The evaluation task of each expert (built once per job, reused for every model), reading
+    the prepared evaluation data files ``eval_data`` (rule eval_data) where given."""
+    from submerge.evaluate import load_eval_task
+    from submerge.stages.evaldata import attach_eval_data
 
     tasks = [load_eval_task(suite.view, e, root=suite.root) for e in experts]
+    attach_eval_data(tasks, eval_data)
+    return tasks
+
+
+def evaluate_tasks(tasks: Sequence, adapter, module, split: str, settings: EvalSettings,
+                   device) -> dict[str, float]:
+    """Accuracy of ``module`` on the ``split`` of each task."""
+    from submerge.evaluate import evaluate
+
     return evaluate(adapter, module, tasks, split, device=device, batch_size=settings.batch_size,
                     max_examples=settings.max_examples(split))
+
+
+def evaluate_on(suite: Suite, experts: Sequence[str], adapter, module, split: str,
+                settings: EvalSettings, device, eval_data: Sequence[PathLike] = ()
+                ) -> dict[str, float]:
+    """Accuracy of ``module`` on the ``split`` of each expert's task."""
+    return evaluate_tasks(load_tasks(suite, experts, eval_data), adapter, module, split,
+                          settings, device)

@@ -1,6 +1,6 @@
-"""Stage 4-5 (``workflow/rules/evaluate.smk``): grid points on validation, reference
-accuracies, the test evaluation at the point chosen on validation, the aggregated scores.csv,
-and the expert-selection experiment."""
+"""Stage 4-5 (``workflow/rules/evaluate.smk``): the sweep of each (group, method) over its
+(α, β) grid on validation with the test evaluation at the chosen point, reference accuracies,
+the aggregated scores.csv."""
 
 from __future__ import annotations
 
@@ -10,40 +10,162 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from submerge.io.jsonio import read_json, write_json
-from submerge.recipe import (SCORE_DIGITS, EvalSettings, GridPoint, Method, SelectionExperiment,
-                             Suite, choose_point)
-from submerge.stages.common import (PathLike, evaluate_on, load_base, load_task_vectors,
-                                    merged_module, resolve_device)
-from submerge.stages.merge import boost_factors, merged_delta, merged_task_vector, reconstruct
+from submerge.recipe import SCORE_DIGITS, EvalSettings, GridPoint, Method, Suite, choose_point
+from submerge.stages.common import (PathLike, evaluate_on, evaluate_tasks, load_base, load_tasks,
+                                    merged_module, record_provenance, resolve_device)
+from submerge.stages.merge import reconstruct
 
 log = logging.getLogger(__name__)
 
 
-def run_grid_point(suite: Suite, experts: Sequence[str], method: Method, group: str,
-                   base_path: PathLike, merged_path: PathLike, point: GridPoint, out: PathLike,
-                   settings: EvalSettings, save_merged: bool = False) -> None:
-    """Reconstruct θ = θ_base + α·boost_β(Δ_merge) from the cache; validation accuracy per task."""
-    device = resolve_device(settings.device)
-    delta = merged_delta(merged_path, method, point.beta, device)
-    base = load_base(base_path, device)
-    adapter, module, theta = merged_module(suite, base, delta, point.alpha, device)
-    accuracy = evaluate_on(suite, experts, adapter, module, "val", settings, device)
-    if save_merged:
-        from submerge.io.checkpoints import save_normalized
+class Sweep:
+    """The validation grid of one (group, method) and its test point, evaluated in one process:
+    the base, the merged cache and each task's evaluation data are loaded once (and only if a
+    point is missing from the results cache), each β is reconstructed once and α is applied as
+    a scalar. Every point's result is kept in a content-addressed cache (:mod:`submerge.io.
+    results_cache`) keyed by what determines it, so adding a point evaluates only that point
+    and a rerun whose points are cached evaluates nothing."""
 
-        save_normalized({k: v.cpu() for k, v in theta.items()},
-                        Path(out).with_suffix(".safetensors"),
-                        {"group": group, "method": method.name, "alpha": point.alpha,
-                         "beta": point.beta})
-    write_json(out, {"group": group, "method": method.name, "alpha": point.alpha,
-                     "beta": point.beta, "split": "val", "device": str(device),
-                     "accuracy": accuracy})
-    log.info("%s/%s %s: mean val accuracy %.4f", group, method.name, point.name,
-             sum(accuracy.values()) / len(accuracy))
+    def __init__(self, suite: Suite, experts: Sequence[str], method: Method, group: str,
+                 base_path: PathLike, merged_path: PathLike, head_paths: Sequence[PathLike],
+                 settings: EvalSettings, cache_dir: PathLike, eval_data: Sequence[PathLike] = ()):
+        from submerge.fingerprint import code_fingerprint
+        from submerge.io.atomic import sha256_file
+        from submerge.io.results_cache import ResultsCache
+
+        self.suite, self.experts, self.method, self.group = suite, list(experts), method, group
+        self.base_path, self.merged_path, self.settings = base_path, merged_path, settings
+        self.eval_data = list(eval_data)
+        self.cache = ResultsCache(cache_dir)
+        # what determines a point's accuracy, besides (α, β, split); not the device, batch size
+        # or selection metric
+        self.identity = {
+            "base": sha256_file(base_path), "merged": sha256_file(merged_path),
+            "heads": {e: sha256_file(h) for e, h in zip(self.experts, head_paths)},
+            "suite": suite.view, "experts": self.experts,
+            "boost": None if method.boost is None else method.boost.to_params(),
+            "code": code_fingerprint(__name__),
+        }
+        self.evaluated = 0  # points computed in this job (not served from the cache)
+        self._code = None
+        self._loaded = None
+        self._deltas: dict = {}
+
+    def code(self) -> dict:
+        """The code version that computes this job's evaluations (git commit, package hash)."""
+        if self._code is None:
+            from submerge.report.provenance import code_version
+
+            self._code = code_version()
+        return self._code
+
+    def _what(self, point: GridPoint, split: str) -> dict:
+        return {**self.identity, "alpha": point.alpha, "beta": point.beta, "split": split,
+                "max_examples": self.settings.max_examples(split)}
+
+    def _load(self):
+        if self._loaded is None:
+            device = resolve_device(self.settings.device)
+            from submerge.io import hdf5
+
+            dense, factors, layer_info, _ = hdf5.read_factored(self.merged_path)
+            dense = {k: v.to(device) for k, v in dense.items()}
+            factors = {k: [tuple(t.to(device) for t in f) for f in fs] for k, fs in factors.items()}
+            self._loaded = (device, load_base(self.base_path, device), dense, factors, layer_info,
+                            load_tasks(self.suite, self.experts, self.eval_data))
+        return self._loaded
+
+    def delta(self, beta: float | None) -> dict:
+        """Δ boosted at ``beta`` (reconstructed once per β)."""
+        if beta not in self._deltas:
+            _, _, dense, factors, layer_info, _ = self._load()
+            self._deltas[beta] = reconstruct(dense, factors, layer_info, self.method, beta)
+        return self._deltas[beta]
+
+    def model(self, point: GridPoint):
+        device, base, *_ = self._load()
+        return merged_module(self.suite, base, self.delta(point.beta), point.alpha, device)
+
+    def accuracy(self, point: GridPoint, split: str) -> dict:
+        """``{"accuracy": {task: acc}, "device": ...}`` of ``point`` on ``split``, from the
+        cache or evaluated now."""
+        from submerge.io.results_cache import result_key
+
+        what = self._what(point, split)
+        key = result_key(what)
+        result = self.cache.get(key)
+        if result is None:
+            device, _, _, _, _, tasks = self._load()
+            adapter, module, _ = self.model(point)
+            accuracy = evaluate_tasks(tasks, adapter, module, split, self.settings, device)
+            result = {"accuracy": accuracy, "device": str(device), "code": self.code()}
+            self.cache.put(key, what, result)
+            self.evaluated += 1
+            log.info("%s/%s %s %s: mean accuracy %.4f", self.group, self.method.name, point.name,
+                     split, sum(accuracy.values()) / len(accuracy))
+        return result
+
+    def point_record(self, point: GridPoint, split: str, result: Mapping) -> dict:
+        return {"group": self.group, "method": self.method.name, "alpha": point.alpha,
+                "beta": point.beta, "split": split, "device": result["device"],
+                "accuracy": result["accuracy"], "code": result.get("code")}
+
+
+def run_sweep_part(suite: Suite, experts: Sequence[str], method: Method, group: str,
+                   points: Sequence[GridPoint], base_path: PathLike, merged_path: PathLike,
+                   head_paths: Sequence[PathLike], out: PathLike, settings: EvalSettings,
+                   cache_dir: PathLike, eval_data: Sequence[PathLike] = ()) -> None:
+    """A chunk of a grid on validation, into the results cache (``out``: what it holds)."""
+    sweep = Sweep(suite, experts, method, group, base_path, merged_path, head_paths, settings,
+                  cache_dir, eval_data)
+    records = [sweep.point_record(p, "val", sweep.accuracy(p, "val")) for p in points]
+    log.info("%s/%s: %d of %d points evaluated, the rest cached", group, method.name,
+             sweep.evaluated, len(points))
+    write_json(out, {"points": records, "evaluated": sweep.evaluated})
+
+
+def run_sweep(suite: Suite, experts: Sequence[str], method: Method, group: str,
+              points: Sequence[GridPoint], base_path: PathLike, merged_path: PathLike,
+              head_paths: Sequence[PathLike], reference_paths: Sequence[PathLike],
+              grid_dir: PathLike, test_out: PathLike, settings: EvalSettings,
+              cache_dir: PathLike, save_merged: bool = False,
+              eval_data: Sequence[PathLike] = ()) -> None:
+    """Every (α, β) of one (group, method) on validation (``grid_dir/<point>.json``, one file
+    per point), the point chosen on validation (:func:`submerge.recipe.choose_point`) and its
+    test accuracy (``test_out``). ``eval_data``: the prepared evaluation data (rule eval_data)."""
+    sweep = Sweep(suite, experts, method, group, base_path, merged_path, head_paths, settings,
+                  cache_dir, eval_data)
+    grid_dir = Path(grid_dir)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    results, point_files = [], []
+    for point in points:
+        result = sweep.accuracy(point, "val")
+        results.append((point, result["accuracy"]))
+        point_files.append(grid_dir / f"{point.name}.json")
+        write_json(point_files[-1], sweep.point_record(point, "val", result))
+        if save_merged:
+            from submerge.io.checkpoints import save_normalized
+
+            _, _, theta = sweep.model(point)
+            save_normalized({k: v.cpu() for k, v in theta.items()},
+                            grid_dir / f"{point.name}.safetensors",
+                            {"group": group, "method": method.name, "alpha": point.alpha,
+                             "beta": point.beta})
+    refs = read_references(reference_paths)
+    best, score = choose_point(results, expert_val_accuracy(refs), settings.selection_metric)
+    test = sweep.accuracy(best, "test")
+    write_json(test_out, {**sweep.point_record(best, "test", test), "val_score": score,
+                          "selection_metric": settings.selection_metric})
+    inputs = [base_path, merged_path, *head_paths, *reference_paths]
+    record_provenance(point_files, inputs)
+    record_provenance([test_out], inputs)
+    log.info("%s/%s: %d of %d evaluations computed, the rest cached; chosen %s",
+             group, method.name, sweep.evaluated, len(points) + 1, best.name)
 
 
 def run_reference(suite: Suite, expert: str, base_path: PathLike, expert_path: PathLike,
-                  out: PathLike, settings: EvalSettings) -> None:
+                  out: PathLike, settings: EvalSettings, eval_data: Sequence[PathLike] = ()
+                  ) -> None:
     """Accuracy of the expert itself and of the base (zero-shot) with the expert's head."""
     from submerge.io.checkpoints import load_normalized
     from submerge.models import get_adapter
@@ -57,7 +179,8 @@ def run_reference(suite: Suite, expert: str, base_path: PathLike, expert_path: P
         module.load_state_dict(sd)
         module = module.to(device).eval()
         for split in ("val", "test"):
-            acc = evaluate_on(suite, [expert], adapter, module, split, settings, device)
+            acc = evaluate_on(suite, [expert], adapter, module, split, settings, device,
+                              eval_data)
             result.setdefault(split, {})[name] = acc[expert]
     write_json(out, result)
 
@@ -69,34 +192,6 @@ def read_references(reference_paths: Sequence[PathLike]) -> dict[str, dict]:
 def expert_val_accuracy(references: Mapping[str, Mapping]) -> dict[str, float]:
     """Each expert's own validation accuracy (the normaliser of the validation score)."""
     return {task: ref["val"]["expert"] for task, ref in references.items()}
-
-
-def choose_from_files(grid_paths: Sequence[PathLike], references: Mapping[str, Mapping],
-                      metric: str) -> tuple[GridPoint, float]:
-    """The point chosen on validation among the grid files of one (group, method)."""
-    points = []
-    for path in grid_paths:
-        p = read_json(path)
-        points.append((GridPoint(p["alpha"], p["beta"]), p["accuracy"]))
-    return choose_point(points, expert_val_accuracy(references), metric)
-
-
-def run_test_point(suite: Suite, experts: Sequence[str], method: Method, group: str,
-                   grid_paths: Sequence[PathLike], reference_paths: Sequence[PathLike],
-                   base_path: PathLike, merged_path: PathLike, out: PathLike,
-                   settings: EvalSettings) -> None:
-    """Choose (α, β) on validation, evaluate that point on the test split."""
-    refs = read_references(reference_paths)
-    best, score = choose_from_files(grid_paths, refs, settings.selection_metric)
-    device = resolve_device(settings.device)
-    delta = merged_delta(merged_path, method, best.beta, device)
-    base = load_base(base_path, device)
-    adapter, module, _ = merged_module(suite, base, delta, best.alpha, device)
-    accuracy = evaluate_on(suite, experts, adapter, module, "test", settings, device)
-    write_json(out, {"group": group, "method": method.name, "alpha": best.alpha,
-                     "beta": best.beta, "split": "test", "device": str(device),
-                     "val_score": score, "selection_metric": settings.selection_metric,
-                     "accuracy": accuracy})
 
 
 def aggregate_scores(suite_name: str, groups: Mapping[str, Sequence[str]],
@@ -125,73 +220,4 @@ def aggregate_scores(suite_name: str, groups: Mapping[str, Sequence[str]],
         ["group", "method", "split", "alpha", "beta", "task"], na_position="first")
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False, float_format=f"%.{SCORE_DIGITS}g")
-
-
-def run_selection(suite: Suite, universe: Sequence[str], experiment: SelectionExperiment,
-                  method: Method, alphas: Sequence[float], betas: Sequence[float | None],
-                  hogsvd_path: PathLike, tv_paths: Sequence[PathLike],
-                  reference_paths: Sequence[PathLike], base_path: PathLike, out: PathLike,
-                  settings: EvalSettings) -> None:
-    """Expert selection (paper Tables 5 and 10): ``n_select`` candidates chosen to minimise
-    interference with the pre-selected pool (the HO-GSVD Alignment Matrix) vs random draws.
-    Each selection is merged with ``method`` (α, β chosen among ``alphas`` × ``betas`` on the
-    merged tasks' validation splits) and evaluated on the test split of every expert of the universe."""
-    import pandas as pd
-
-    from submerge.hogsvd import alignment_matrix, random_selection, select_experts
-    from submerge.io.atomic import atomic_path
-    from submerge.io.hogsvd_cache import read_hogsvd_cache
-
-    cache = read_hogsvd_cache(hogsvd_path)
-    if list(cache.experts) != list(universe):
-        raise ValueError(f"{hogsvd_path}: experts {cache.experts} differ from the universe "
-                         f"{list(universe)}; delete it and rerun (rule hogsvd)")
-    align = alignment_matrix([e.sigma for e in cache.entries])
-    index = {e: i for i, e in enumerate(universe)}
-    pool = [index[e] for e in experiment.pool]
-    ext = set(experiment.ext)
-    candidates = [index[e] for e in universe if e not in ext and index[e] not in pool]
-    k = experiment.n_select
-    chosen = select_experts(align, pool, candidates, k, strategy=experiment.strategy)
-    settings_list = [("hogsvd", 0, chosen)] + [
-        ("random", d, draw) for d, draw in enumerate(random_selection(
-            candidates, k, experiment.draws, experiment.seed))]
-    refs = read_references(reference_paths)
-    device = resolve_device(settings.device)
-    all_tvs, layer_info = load_task_vectors(tv_paths, device)
-    base = load_base(base_path, device)
-    rows = []
-    for setting, draw, picked in settings_list:
-        members = [universe[i] for i in pool + list(picked)]
-        tvs = [all_tvs[index[e]] for e in members]
-        delta_fn = _selection_merger(method, tvs, layer_info)
-        grid = []
-        for beta in betas:
-            delta = delta_fn(beta)
-            for alpha in alphas:
-                adapter, module, _ = merged_module(suite, base, delta, alpha, device)
-                acc = evaluate_on(suite, members, adapter, module, "val", settings, device)
-                grid.append((GridPoint(alpha, beta), acc))
-        best, _ = choose_point(grid, expert_val_accuracy(refs), settings.selection_metric)
-        adapter, module, _ = merged_module(suite, base, delta_fn(best.beta), best.alpha, device)
-        test = evaluate_on(suite, list(universe), adapter, module, "test", settings, device)
-        for task, acc in test.items():
-            sets = ["all"] + (["pool"] if task in experiment.pool else
-                              ["ext"] if task in ext else [])
-            for task_set in sets:
-                rows.append({"setting": setting, "draw": draw, "method": method.name,
-                             "experts": "+".join(members), "alpha": best.alpha,
-                             "beta": math.nan if best.beta is None else best.beta,
-                             "split": "test", "task": task, "task_set": task_set,
-                             "accuracy": acc, "expert_accuracy": refs[task]["test"]["expert"]})
-        log.info("%s draw %d: %s", setting, draw, members)
-    with atomic_path(out) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False, float_format=f"%.{SCORE_DIGITS}g")
-
-
-def _selection_merger(method: Method, tvs, layer_info):
-    """β -> Δ for one selection: merge (+ LiNeS) once, SVD once, boost per β."""
-    delta, _ = merged_task_vector(method, tvs, layer_info)
-    factors = boost_factors(method, delta, layer_info)
-    dense = {k: v for k, v in delta.items() if k not in factors}
-    return lambda beta: reconstruct(dense, factors, layer_info, method, beta)
+    record_provenance([out], [*grid_paths, *test_paths, *reference_paths])

@@ -8,13 +8,11 @@ import json
 import logging
 from typing import Mapping, Sequence
 
-import torch
-
 from submerge import merges
 from submerge.io.jsonio import read_json, write_json
 from submerge.recipe import LINES_NORM, EvalSettings, Method, Suite
 from submerge.stages.common import (PathLike, evaluate_on, load_base, load_task_vectors,
-                                    merged_module, resolve_device)
+                                    merged_module, record_provenance, resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +100,12 @@ def merge_group(experts: Sequence[str], tv_paths: Sequence[PathLike], method: Me
     attrs.update(experts=json.dumps(list(experts)),
                  method=json.dumps(method.to_params(), sort_keys=True))
     hdf5.write_factored(out, dense, factors, layer_info, attrs)
-
-
-def merged_delta(merged_path: PathLike, method: Method, beta: float | None,
-                 device: torch.device) -> dict:
-    """Δ for one β from the merged cache of a (group, method)."""
-    from submerge.io import hdf5
-
-    dense, factors, layer_info, _ = hdf5.read_factored(merged_path)
-    dense = {k: v.to(device) for k, v in dense.items()}
-    factors = {k: [tuple(t.to(device) for t in f) for f in fs] for k, fs in factors.items()}
-    return reconstruct(dense, factors, layer_info, method, beta)
+    record_provenance([out], [*tv_paths, *(extra_paths or {}).values()])
 
 
 def choose_tall_lambdas(suite: Suite, experts: Sequence[str], base_path: PathLike,
                         tv_paths: Sequence[PathLike], lambdas: Sequence[float], out: PathLike,
-                        settings: EvalSettings) -> None:
+                        settings: EvalSettings, eval_data: Sequence[PathLike] = ()) -> None:
     """TALL masks' λ_t per task (Wang et al. 2024): the λ whose masked multi-task model
     θ_0 + m_t ∘ Δ_TA is most accurate on task t's validation split (ties: smaller λ)."""
     from submerge.merging.consensus import tall_masks
@@ -133,7 +121,8 @@ def choose_tall_lambdas(suite: Suite, experts: Sequence[str], base_path: PathLik
         for expert, mask in zip(experts, masks):
             delta = {k: v * mask[k] if k in mask else v for k, v in ta.items()}
             adapter, module, _ = merged_module(suite, base, delta, 1.0, device)
-            acc = evaluate_on(suite, [expert], adapter, module, "val", settings, device)
+            acc = evaluate_on(suite, [expert], adapter, module, "val", settings, device,
+                              eval_data)
             scores[expert][str(lam)] = acc[expert]
     chosen = {e: float(max(sorted(s, key=float), key=lambda lam: s[lam])) for e, s in scores.items()}
     write_json(out, {"lambdas": chosen, "val_accuracy": scores})

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from submerge.recipe import Suite
-from submerge.stages.common import PathLike
+from submerge.stages.common import PathLike, record_provenance
 
 
 def make_task_vector(suite: Suite, expert: str, base_path: PathLike, expert_path: PathLike,
@@ -22,3 +22,4 @@ def make_task_vector(suite: Suite, expert: str, base_path: PathLike, expert_path
         "suite": suite.name, "expert": expert, "adapter": suite.adapter,
         "base_sha256": sha256_file(base_path), "expert_sha256": sha256_file(expert_path),
     })
+    record_provenance([out], [base_path, expert_path])
