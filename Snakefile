@@ -1,6 +1,8 @@
 # submerge: subspace-boosted model merging (Skorobogat et al., arXiv 2506.16506).
 #   snakemake --cores all --configfile config/config.yaml           (embedded digits suite, CPU)
 #   snakemake --profile profiles/slurm --configfile config/suites/vit-b-32.yaml
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -11,7 +13,7 @@ min_version("9.0")
 # on top of either.
 if not workflow.overwrite_configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -173,7 +173,7 @@ class Files(list):  # snakemake.input: a list with named parts
     def items(self):
         return self._named.items()
 
-snakemake = SimpleNamespace(input=Files(spec["input"]), output=spec["output"], log=[spec["log"]],
+snakemake = SimpleNamespace(input=Files(spec["input"]), output=spec["output"], log=[spec["log"]], threads=1,
                             params=SimpleNamespace(config=spec["config"]), wildcards=SimpleNamespace())
 runpy.run_path(spec["script"], init_globals={"snakemake": snakemake}, run_name="__main__")
 heavy = [m for m in ("torch", "submerge.stages", "submerge.pipeline") if m in sys.modules]

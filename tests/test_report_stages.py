@@ -37,7 +37,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 def _script(name, tmp_path, **parts):
     """Run scripts/<name>.py as Snakemake's `script:` does."""
-    snakemake = SimpleNamespace(log=[str(tmp_path / f"{name}.log")], **parts)
+    snakemake = SimpleNamespace(log=[str(tmp_path / f"{name}.log")], threads=1, **parts)
     root, hook = logging.getLogger(), sys.excepthook
     handlers, level = list(root.handlers), root.level
     try:

@@ -468,7 +468,7 @@ EXPERT_TEST = {"a": 0.9, "b": 0.85, "c": 0.75}
 
 
 def _tied_grids():
-    """Grid JSON-like dicts (what a grid_point job writes) with ties: exact, and ties that only
+    """Grid JSON-like dicts (what a sweep writes per point) with ties: exact, and ties that only
     appear at SCORE_DIGITS (differences below the 6th significant digit)."""
     near = 1e-9  # lost when scores.csv is written with %.6g; choose_point ignores it too
 

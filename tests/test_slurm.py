@@ -190,7 +190,9 @@ def _task_gpus(since: int) -> dict[int, set[str]]:
 
 
 def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    """Relative path -> mtime of the files under root, less the run lock (each run takes it)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and p.name != ".run.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -295,28 +297,43 @@ def test_gpu_rules_get_a_stand_in_gpu(runs):
     assert n_gpu_jobs >= 3
 
 
+def _point_records(paths) -> dict[tuple, dict]:
+    """(group, method, α, β, split) -> accuracies, of the point records among JSON files
+    (provenance sidecars, <output>.json, are left out)."""
+    out = {}
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        for r in rec.get("points", [rec]):
+            if "split" in r and "accuracy" in r:
+                out[(r["group"], r["method"], r["alpha"], r["beta"], r["split"])] = r["accuracy"]
+    return out
+
+
 def test_sweep_parts_are_separate_slurm_jobs(runs):
     """With `eval.points_per_job: 1` each grid point is a sweep_part job, submitted on its own
     and evaluating its point into the results cache; each (group, method)'s sweep is one more job
-    and evaluates on validation nothing that a part did. The scores equal the local run's, whose
-    sweeps were not split (test_results_equal_local_run)."""
+    that takes every validation point from the cache and evaluates only its test point. The
+    scores equal the local run's, whose sweeps were not split (test_results_equal_local_run)."""
     proc, results = runs["slurm"], runs["slurm_dir"] / "results" / _suite()
     planned = _job_stats(proc.text)
     parts = sorted(results.glob("grid/*/*.parts/*.json"))
-    n_points = len([p for p in results.glob("grid/*/*/*.json")  # the sweeps' per-point files
-                    if p.parent.suffix != ".parts"])
-    sweeps = sorted(results.glob("test/*/*.json"))
-    assert planned["sweep_part"] == len(parts) == n_points >= 4, (planned, parts, n_points)
+    sweeps = _point_records(results.glob("test/*/*.json"))  # their chosen points on test
+    assert planned["sweep_part"] == len(parts) >= 4, (planned, parts)
     assert planned["sweep"] == len(sweeps) >= 2, (planned, sweeps)
     part_jobs = [j for j, folder, _ in _submissions(proc.text) if folder == "rule_sweep_part"]
     assert len(part_jobs) == len(set(part_jobs)) == len(parts), part_jobs
     for part in parts:  # every part computed its one point (none was cached before)
         assert json.loads(part.read_text())["evaluated"] == 1, part
-    # the local run computed the same evaluations in its unsplit sweeps: one cache entry each
-    cached = {p.name for p in (results / "cache" / "points").rglob("*.json")}
-    local_cached = {p.name for p in (runs["local_dir"] / "results" / _suite() / "cache" /
-                                     "points").rglob("*.json")}
-    assert len(cached) == n_points + len(sweeps) == len(local_cached), (cached, local_cached)
+    # the sweeps' per-point files hold exactly the parts' points, with the parts' accuracies
+    from_parts = _point_records(parts)
+    swept = _point_records(p for p in results.glob("grid/*/*/*.json")
+                           if p.parent.suffix != ".parts")
+    assert len(from_parts) == len(parts) and swept == from_parts, (from_parts, swept)
+    # one cache entry per evaluation, as many as the local run's unsplit sweeps made
+    cached = list((results / "cache" / "points").rglob("*.json"))
+    local_cached = list((runs["local_dir"] / "results" / _suite() / "cache" / "points")
+                        .rglob("*.json"))
+    assert len(cached) == len(parts) + len(sweeps) == len(local_cached), (cached, local_cached)
 
 
 def _scores(workdir: Path) -> pd.DataFrame:
@@ -384,8 +401,12 @@ def test_failed_job_is_reported_and_rerun_redoes_only_it(runs, tmp_path):
     after = _mtimes(results)
     assert set(after) == set(before), set(after) ^ set(before)  # no new cache entry either
     changed = {f for f in before if after[f] != before[f]}
-    redone = {f for f in before if f.startswith(f"grid/{group}/{method}/")}
-    assert redone
-    assert changed == redone | {f"test/{group}/{method}.json", "scores.csv"}, changed
+    # the sweep's outputs and scores.csv (with their provenance sidecars, <output>.json)
+    redone = {f for f in before
+              if f.startswith((f"grid/{group}/{method}/", f"test/{group}/{method}.json",
+                               "scores.csv"))}
+    assert {f"test/{group}/{method}.json", "scores.csv"} < redone
+    assert any(f.startswith(f"grid/{group}/{method}/") for f in redone), redone
+    assert changed == redone, changed
     pd.testing.assert_frame_equal(_scores(workdir), _scores(runs["local_dir"]),
                                   check_exact=False, rtol=1e-9, atol=0)

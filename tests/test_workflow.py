@@ -136,8 +136,8 @@ def test_adding_a_grid_point_evaluates_only_the_new_points(copy_of_run):
     assert jobs == {("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"]) | REPORT_JOBS
     assert evaluated["val"] == 2 * 2  # one new alpha in 2 groups x 2 methods
     # a test evaluation only where the new point is chosen
-    chosen_new = sum(json.loads(p.read_text())["alpha"] == 0.75
-                     for p in (workdir / R / "test").rglob("*.json"))
+    chosen_new = sum(json.loads((workdir / R / "test" / g / f"{m}.json").read_text())["alpha"] == 0.75
+                     for g in cfg["groups"] for m in cfg["methods"])
     assert evaluated["test"] == chosen_new
 
 
@@ -163,6 +163,7 @@ def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run):
 
 def _repo_copy(dest: Path) -> Path:
     """The files the workflow runs, copied (new mtimes: like a fresh clone of the commit)."""
+    dest.mkdir(parents=True)
     for name in ("Snakefile", "workflow", "scripts", "src", "profiles", "envs", "config"):
         src = ROOT / name
         if src.is_dir():

@@ -43,7 +43,7 @@ def planned_jobs(workdir: Path, configfile: Path, snakefile: Path = ROOT / "Snak
     if "Nothing to be done" in text:
         return set()
     jobs = set()
-    # grouped jobs (rule grid_point has `group: "grid"`) are printed indented
+    # grouped jobs (rules with a `group:`) are printed indented
     for block in re.split(r"\n(?=\s*(?:local)?rule \w+:)", text):
         m = re.match(r"(?:local)?rule (\w+):", block.strip())
         if not m or m.group(1) == "all":

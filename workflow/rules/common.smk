@@ -168,6 +168,7 @@ def method_params(wildcards):
 def result_config():
     """The config less the settings that change no result (recipe.runtime_settings, gpu)."""
     out = {k: v for k, v in config.items() if k not in ("device", "gpu")}
+    out["groups"] = {g: list(m) for g, m in RECIPE.groups.items()}  # a group is a set
     if "eval" in out:
         out["eval"] = {k: v for k, v in out["eval"].items() if k != "batch_size"}
     return out
