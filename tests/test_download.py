@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from http_utils import local_http_server
+
 from submerge.errors import CheckpointError, ConfigError
 from submerge.io.download import fetch
 
@@ -128,15 +130,8 @@ REDIRECTS = {
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.state = {"requests": [], "if_range": []}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_http_server(Handler, state={"requests": [], "if_range": []}) as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,12 @@ import hashlib
 import http.server
 import json
 import re
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+from http_utils import local_http_server
 from submerge.errors import CheckpointError, ConfigError
 from submerge.stages import fetch as F
 from workflow_utils import ROOT, TINY, load_tiny, planned_jobs, snakemake, write_config
@@ -43,15 +43,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.requests = []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_http_server(Handler, requests=[]) as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)
