@@ -33,7 +33,7 @@ def run_single_process(cfg: dict, workdir: Path) -> float:
     os.chdir(workdir)
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as each workflow job (snakemake.threads): same arithmetic
     from submerge import merges
     from submerge.recipe import GridPoint, parse_config
     from submerge.report.build import build_figures, build_tables
@@ -77,10 +77,14 @@ def run_single_process(cfg: dict, workdir: Path) -> float:
     if recipe.selection:
         sel, universe = recipe.selection, recipe.members(recipe.selection.universe)
         method = recipe.methods[sel.method]
-        selection.run_selection(view(*universe), universe, sel, method, method.alphas,
-                                method.betas, f"{R}/hogsvd/{sel.universe}.h5",
-                                tvs[sel.universe], [f"{R}/reference/{e}.json" for e in universe],
-                                base, f"{R}/selection/selection.csv", recipe.eval)
+        runs = [f"{R}/selection/runs/{run}.csv" for run in sel.runs()]
+        for run, out in zip(sel.runs(), runs):
+            selection.run_selection_draw(view(*universe), universe, sel, method, method.alphas,
+                                         method.betas, run, f"{R}/hogsvd/{sel.universe}.h5",
+                                         tvs[sel.universe],
+                                         [f"{R}/reference/{e}.json" for e in universe], base,
+                                         out, recipe.eval)
+        selection.aggregate_selection(runs, f"{R}/selection/selection.csv")
         inputs["selection"] = [f"{R}/selection/selection.csv"]
     pairs = recipe.pairs()
     report.spectra_summary({(g, m): f"{R}/merged/{g}/{m}.h5" for g, m in pairs},

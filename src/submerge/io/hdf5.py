@@ -12,14 +12,19 @@ info and ``n_blocks``.
 
 Both record, LAST (after every dataset), a manifest: the dataset ``__manifest__`` holding
 JSON ``{"format", "version", "kind" ("state_dict" | "factored"), "n_datasets",
-"entries_sha256", "entries"}``; ``entries`` lists every key with its ``shape``, ``dtype``
-(torch name) and ``stored`` (numpy dtype of the data), and for a factored key its
-``n_blocks`` and each row block's U/S/Vh. Every reader checks the file against it first:
-the manifest is present and intact, every listed key / factor / row block exists with the
-recorded shape and dtype, and nothing unlisted is there. Otherwise, and for a truncated or
-non-HDF5 file, :class:`CheckpointError` names the file, the key and what to do (delete it
-and rerun the workflow rule that wrote it, inferred from the file's attributes:
-``task_vector``, ``merged`` or ``expert_spectrum``).
+"entries_sha256", "entries", "data_sha256"}``; ``entries`` lists every key with its ``shape``,
+``dtype`` (torch name) and ``stored`` (numpy dtype of the data), and for a factored key its
+``n_blocks`` and each row block's U/S/Vh; ``data_sha256`` maps each dataset's path to the
+sha256 of its data (absent in stores written before it was recorded). Every reader checks the
+file against it first: the manifest is present and intact, every listed key / factor / row
+block exists with the recorded shape and dtype, and nothing unlisted is there; every dataset
+read is checked against its sha256. Otherwise, and for a truncated, damaged or non-HDF5
+file, :class:`CheckpointError` names the file, the key and what to do (delete it and rerun
+the workflow rule that wrote it, inferred from the file's attributes: ``task_vector``,
+``merged`` or ``expert_spectrum``). Stores are written in the HDF5 1.8 file format or later
+(``libver``), whose metadata (superblock, object headers with the attributes, B-trees,
+heaps) carries checksums that HDF5 verifies on reading: a damaged header is an error, not
+wrong attributes.
 
 Files are written to a temporary name and renamed (:mod:`submerge.io.atomic`), and opened
 without HDF5 file locking (they are never modified after the rename; locking fails on
@@ -51,42 +56,66 @@ _MANIFEST_FORMAT = "submerge.hdf5.manifest"
 _MANIFEST_VERSION = 1
 _FACTOR_NAMES = ("U", "S", "Vh")
 _GENERIC_ADVICE = "delete it and rerun the rule that wrote it"
+# the oldest file format whose metadata is checksummed (object header v2, superblock v2+)
+_LIBVER = ("v108", "latest")
+# what h5py raises on a damaged file (a failed metadata checksum is a RuntimeError)
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError,
+              UnicodeDecodeError)
 
 
 def _open(path: str | os.PathLike, mode: str) -> h5py.File:
     if mode == "r" and not Path(path).is_file():
         raise CheckpointError(f"HDF5 store {path} does not exist")
+    extra = {} if mode == "r" else {"libver": _LIBVER}
     try:
-        return h5py.File(path, mode, locking=False, track_order=True)
-    except OSError as exc:
+        return h5py.File(path, mode, locking=False, track_order=True, **extra)
+    except (OSError, RuntimeError, ValueError) as exc:
         if mode != "r":
             raise
         raise CheckpointError(f"{path}: cannot open as HDF5 ({exc}); the file is truncated or not "
                               f"an HDF5 file: {_GENERIC_ADVICE}") from exc
 
 
+def _set_str(obj: h5py.HLObject, name: str, value: str) -> None:
+    """A string attribute of fixed length: it lives in the object header, which HDF5
+    checksums (a variable-length string lives in the global heap, which has no checksum)."""
+    raw = value.encode("utf-8")
+    size = max(1, len(raw))
+    obj.attrs.create(name, np.array(raw, dtype=f"S{size}"), dtype=h5py.string_dtype("utf-8", size))
+
+
+def _str(value) -> str:
+    """A string attribute as str (fixed-length ones read back as bytes)."""
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8")  # strict: damaged text is an error
+    return str(value)
+
+
 def _write_attrs(obj: h5py.HLObject, attrs: Mapping) -> None:
     """str/int/float/bool attributes natively, anything else JSON-encoded."""
     json_names = []
     for name, value in attrs.items():
-        if isinstance(value, (str, bool, int, float)):
+        if isinstance(value, str):
+            _set_str(obj, name, value)
+        elif isinstance(value, (bool, int, float)):
             obj.attrs[name] = value
         else:
             try:
-                obj.attrs[name] = json.dumps(value)
+                _set_str(obj, name, json.dumps(value))
             except TypeError as exc:
                 raise ValueError(f"attribute {name!r} is not JSON-serialisable: {exc}") from exc
             json_names.append(name)
     if json_names:
-        obj.attrs[_JSON_ATTRS] = json.dumps(json_names)
+        _set_str(obj, _JSON_ATTRS, json.dumps(json_names))
 
 
 def _read_attrs(obj: h5py.HLObject) -> dict:
-    json_names = set(json.loads(obj.attrs[_JSON_ATTRS])) if _JSON_ATTRS in obj.attrs else set()
+    json_names = set(json.loads(_str(obj.attrs[_JSON_ATTRS]))) if _JSON_ATTRS in obj.attrs else set()
     out = {}
     for name, value in obj.attrs.items():
         if name == _JSON_ATTRS:
             continue
+        value = _str(value) if isinstance(value, (str, bytes, np.bytes_)) else value
         value = value.item() if isinstance(value, np.generic) else value
         out[name] = json.loads(value) if name in json_names else value
     return out
@@ -94,30 +123,38 @@ def _read_attrs(obj: h5py.HLObject) -> dict:
 
 def _info_attrs(obj: h5py.HLObject, info: LayerInfo) -> None:
     obj.attrs["block"] = -1 if info.block is None else int(info.block)
-    obj.attrs["kind"] = info.kind
+    _set_str(obj, "kind", info.kind)
     obj.attrs["stacked"] = int(info.stacked)
 
 
 def _read_info(obj: h5py.HLObject) -> LayerInfo:
     block = int(obj.attrs["block"])
-    return LayerInfo(None if block < 0 else block, str(obj.attrs["kind"]), int(obj.attrs["stacked"]))
+    return LayerInfo(None if block < 0 else block, _str(obj.attrs["kind"]), int(obj.attrs["stacked"]))
 
 
-def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor) -> tuple[h5py.Dataset, dict]:
-    """The dataset and its manifest record."""
+def _data_sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+def _write_tensor(group: h5py.Group, name: str, tensor: torch.Tensor,
+                  digests: dict[str, str]) -> tuple[h5py.Dataset, dict]:
+    """The dataset and its manifest record; its data's sha256 goes to ``digests``."""
     t = tensor.detach().cpu()
     data = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     ds = group.create_dataset(name, data=data)
+    digests[ds.name.lstrip("/")] = _data_sha256(data)
     ds.attrs["shape"] = np.asarray(t.shape, dtype=np.int64)
     ds.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
     return ds, {"shape": [int(n) for n in t.shape], "dtype": str(t.dtype).removeprefix("torch."),
                 "stored": data.dtype.name}
 
 
-def _read_tensor(ds: h5py.Dataset) -> torch.Tensor:
+def _read_tensor(ds: h5py.Dataset, check: "_Check") -> torch.Tensor:
     dtype = getattr(torch, str(ds.attrs["dtype"]))
     shape = tuple(int(n) for n in ds.attrs["shape"])
-    return torch.from_numpy(np.asarray(ds[()])).reshape(shape).to(dtype)
+    data = np.asarray(ds[()])
+    check.data(ds, data)
+    return torch.from_numpy(data).reshape(shape).to(dtype)
 
 
 def _check_key(key: str, layer_info: Mapping[str, LayerInfo], path) -> None:
@@ -142,11 +179,11 @@ def _count(kind: str, entries: Mapping) -> int:
     return len(entries["dense"]) + len(_FACTOR_NAMES) * n_blocks
 
 
-def _write_manifest(f: h5py.File, kind: str, entries: Mapping) -> None:
+def _write_manifest(f: h5py.File, kind: str, entries: Mapping, digests: Mapping[str, str]) -> None:
     """Record the manifest; called after every dataset is written."""
     manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "kind": kind,
                 "n_datasets": _count(kind, entries), "entries_sha256": _entries_digest(entries),
-                "entries": entries}
+                "entries": entries, "data_sha256": dict(digests)}
     f.create_dataset(MANIFEST, data=json.dumps(manifest), dtype=h5py.string_dtype("utf-8"))
     f.flush()
 
@@ -172,6 +209,7 @@ class _Check:
 
     def __init__(self, path, f: h5py.File, kind: str):
         self.path, self.advice = path, _advice(f, kind)
+        self.digests: Mapping[str, str] = {}
 
     def error(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {what}: {self.advice}")
@@ -197,6 +235,17 @@ class _Check:
                              f"{got[0]}, {got[3]}), the manifest records {shape}, {dtype} (stored "
                              f"{stored}) (the file is damaged)")
 
+    def data(self, ds: h5py.Dataset, data: np.ndarray) -> None:
+        """The data read from ``ds`` against the sha256 the manifest records for it."""
+        name = ds.name.lstrip("/")
+        want = self.digests.get(name)
+        if want is not None and _data_sha256(data) != want:
+            parts = name.split("/")
+            what = (f"key {parts[1]!r} factor {parts[3]!r} of row block {parts[2]}"
+                    if parts[0] == "factors" and len(parts) == 4 else f"key {parts[-1]!r}")
+            raise self.error(f"{what}: the data do not match the sha256 in the manifest (the file "
+                             "is damaged)")
+
     def members(self, group: h5py.Group, listed, where: str = "") -> None:
         listed = set(listed)
         for name in group.keys():
@@ -213,13 +262,16 @@ def _verify(f: h5py.File, path, kind: str) -> tuple[dict, _Check]:
     try:
         manifest = json.loads(f[MANIFEST].asstr()[()])
         entries = manifest["entries"]
+        digests = manifest.get("data_sha256", {})
         ok = (manifest["format"] == _MANIFEST_FORMAT and manifest["version"] == _MANIFEST_VERSION
               and manifest["entries_sha256"] == _entries_digest(entries)
-              and manifest["n_datasets"] == _count(manifest["kind"], entries))
-    except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:
+              and manifest["n_datasets"] == _count(manifest["kind"], entries)
+              and isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values()))
+    except (OSError, KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
         raise check.error(f"unreadable manifest ({type(exc).__name__}: {exc})") from exc
     if not ok:
         raise check.error("corrupt manifest (format, checksum or dataset count does not match)")
+    check.digests = digests
     if manifest["kind"] != kind:
         names = {"state_dict": "a task-vector (state dict) store", "factored": "a factored store"}
         raise CheckpointError(f"HDF5 store {path} is {names.get(manifest['kind'], manifest['kind'])}, "
@@ -260,14 +312,15 @@ def _verify(f: h5py.File, path, kind: str) -> tuple[dict, _Check]:
 
 
 @contextlib.contextmanager
-def _reading(check: _Check) -> Iterator[None]:
-    """Errors of h5py while reading data (a damaged file) as CheckpointError."""
+def _reading(path, f: h5py.File, kind: str) -> Iterator[None]:
+    """Errors of h5py while checking or reading a store (a damaged file) as CheckpointError."""
     try:
         yield
     except CheckpointError:
         raise
-    except (OSError, KeyError) as exc:
-        raise check.error(f"cannot read ({type(exc).__name__}: {exc})") from exc
+    except _H5_ERRORS as exc:
+        raise CheckpointError(f"{path}: cannot read ({type(exc).__name__}: {exc}); the file is "
+                              f"damaged: {_advice(f, kind)}") from exc
 
 
 # --- stores --------------------------------------------------------------------------------
@@ -277,12 +330,12 @@ def write_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
     """Write a (task-vector) state dict, one dataset per key, and its manifest, atomically."""
     with atomic_path(path) as tmp, _open(tmp, "w") as f:
         _write_attrs(f, attrs)
-        entries = {}
+        entries, digests = {}, {}
         for key, tensor in sd.items():
             _check_key(key, layer_info, path)
-            ds, entries[key] = _write_tensor(f, key, tensor)
+            ds, entries[key] = _write_tensor(f, key, tensor, digests)
             _info_attrs(ds, layer_info[key])
-        _write_manifest(f, "state_dict", entries)
+        _write_manifest(f, "state_dict", entries, digests)
 
 
 def read_state_dict(path: str | os.PathLike, keys: Sequence[str] | None = None
@@ -290,17 +343,16 @@ def read_state_dict(path: str | os.PathLike, keys: Sequence[str] | None = None
     """``(state_dict, layer_info, attrs)`` of a store, all keys or only ``keys``.
 
     The whole store is checked against its manifest first (any subset read)."""
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _reading(path, f, "state_dict"):
         entries, check = _verify(f, path, "state_dict")
         names = list(entries) if keys is None else list(keys)
         sd, info = {}, {}
-        with _reading(check):
-            for key in names:
-                if key not in entries:
-                    raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
-                sd[key] = _read_tensor(f[key])
-                info[key] = _read_info(f[key])
-            return sd, info, _read_attrs(f)
+        for key in names:
+            if key not in entries:
+                raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
+            sd[key] = _read_tensor(f[key], check)
+            info[key] = _read_info(f[key])
+        return sd, info, _read_attrs(f)
 
 
 def read_key(paths: Sequence[str | os.PathLike], key: str) -> list[torch.Tensor]:
@@ -308,12 +360,11 @@ def read_key(paths: Sequence[str | os.PathLike], key: str) -> list[torch.Tensor]
     against its manifest)."""
     out = []
     for path in paths:
-        with _open(path, "r") as f:
+        with _open(path, "r") as f, _reading(path, f, "state_dict"):
             entries, check = _verify(f, path, "state_dict")
             if key not in entries:
                 raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
-            with _reading(check):
-                out.append(_read_tensor(f[key]))
+            out.append(_read_tensor(f[key], check))
     return out
 
 
@@ -324,10 +375,11 @@ def write_factored(path: str | os.PathLike, dense: Mapping[str, torch.Tensor], f
     with atomic_path(path) as tmp, _open(tmp, "w") as f:
         _write_attrs(f, attrs)
         entries: dict = {"dense": {}, "factors": {}}
+        digests: dict[str, str] = {}
         dense_group = f.create_group("dense", track_order=True)
         for key, tensor in dense.items():
             _check_key(key, layer_info, path)
-            ds, entries["dense"][key] = _write_tensor(dense_group, key, tensor)
+            ds, entries["dense"][key] = _write_tensor(dense_group, key, tensor, digests)
             _info_attrs(ds, layer_info[key])
         factor_group = f.create_group("factors", track_order=True)
         for key, blocks in factors.items():
@@ -340,26 +392,25 @@ def write_factored(path: str | os.PathLike, dense: Mapping[str, torch.Tensor], f
                 if len(block) != 3:
                     raise ValueError(f"{path}: factors of key {key!r}, block {i}: expected (U, S, Vh)")
                 sub = group.create_group(str(i))
-                records.append({name: _write_tensor(sub, name, tensor)[1]
+                records.append({name: _write_tensor(sub, name, tensor, digests)[1]
                                 for name, tensor in zip(_FACTOR_NAMES, block)})
             entries["factors"][key] = {"n_blocks": len(blocks), "blocks": records}
-        _write_manifest(f, "factored", entries)
+        _write_manifest(f, "factored", entries, digests)
 
 
 def read_factored(path: str | os.PathLike
                   ) -> tuple[StateDict, dict[str, Factors], dict[str, LayerInfo], dict]:
     """``(dense, factors, layer_info, attrs)`` of a factored store, checked against its manifest."""
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _reading(path, f, "factored"):
         entries, check = _verify(f, path, "factored")
         dense, factors, info = {}, {}, {}
-        with _reading(check):
-            for key in entries["dense"]:
-                ds = f["dense"][key]
-                dense[key] = _read_tensor(ds)
-                info[key] = _read_info(ds)
-            for key, rec in entries["factors"].items():
-                group = f["factors"][key]
-                info[key] = _read_info(group)
-                factors[key] = [tuple(_read_tensor(group[str(i)][name]) for name in _FACTOR_NAMES)
-                                for i in range(int(rec["n_blocks"]))]
-            return dense, factors, info, _read_attrs(f)
+        for key in entries["dense"]:
+            ds = f["dense"][key]
+            dense[key] = _read_tensor(ds, check)
+            info[key] = _read_info(ds)
+        for key, rec in entries["factors"].items():
+            group = f["factors"][key]
+            info[key] = _read_info(group)
+            factors[key] = [tuple(_read_tensor(group[str(i)][name], check) for name in _FACTOR_NAMES)
+                            for i in range(int(rec["n_blocks"]))]
+        return dense, factors, info, _read_attrs(f)

@@ -6,11 +6,15 @@ attributes ``kind``, ``block`` (transformer block, −1 if none), ``transposed``
 file attributes ``experts`` (JSON list, the row order of ``sigma``) and whatever the caller adds
 (the pipeline: ``pi``, the regularisation the cache was computed with, which
 ``submerge.hogsvd.hogsvd_merge(..., cache=...)`` requires, and ``layers``).
-Written to a temporary name and renamed.
+Written to a temporary name and renamed, in the HDF5 1.8 format or later, whose metadata
+(object headers with the attributes, stored as fixed-length strings there) HDF5 checksums;
+each entry group's ``sha256`` attribute (JSON) holds the sha256 of its datasets' data, checked
+on reading (caches written before it was recorded have none).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +31,23 @@ from .atomic import atomic_path
 
 ENTRY_ATTRS = ("kind", "block", "transposed", "seconds")
 _REDO = "delete it and rerun (rule hogsvd)"
+_LIBVER = ("v108", "latest")  # the oldest file format whose metadata is checksummed
+_DATASETS = ("V", "sigma", "eigvals")
+
+
+def _sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+def _attr(obj, name: str, value: object) -> None:
+    """A str attribute as a fixed-length string (kept in the checksummed object header),
+    anything else natively."""
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+        size = max(1, len(raw))
+        obj.attrs.create(name, np.array(raw, dtype=f"S{size}"), dtype=h5py.string_dtype("utf-8", size))
+    else:
+        obj.attrs[name] = value
 
 
 @dataclass(frozen=True)
@@ -68,27 +89,31 @@ class HOGSVDCache(tuple):
 
 def write_hogsvd_cache(path: str | os.PathLike, experts: list[str], entries: list[HOGSVDEntry],
                        attrs: Mapping[str, object] | None = None) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["experts"] = json.dumps(list(experts))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=_LIBVER) as f:
+        _attr(f, "experts", json.dumps(list(experts)))
         for k, v in (attrs or {}).items():
-            f.attrs[k] = v
+            _attr(f, k, v)
         for e in entries:
             g = f.create_group(f"{e.key}/{e.row_block}")
-            g.create_dataset("V", data=e.V.cpu().numpy())
-            g.create_dataset("sigma", data=e.sigma.cpu().numpy())
-            g.create_dataset("eigvals", data=e.eigvals.cpu().numpy())
-            g.attrs.update(kind=e.kind, block=-1 if e.block is None else e.block,
-                           transposed=e.transposed, seconds=e.seconds)
+            digests = {}
+            for name, tensor in zip(_DATASETS, (e.V, e.sigma, e.eigvals)):
+                data = tensor.cpu().numpy()
+                g.create_dataset(name, data=data)
+                digests[name] = _sha256(data)
+            _attr(g, "kind", e.kind)
+            g.attrs.update(block=-1 if e.block is None else e.block, transposed=e.transposed,
+                           seconds=e.seconds)
+            _attr(g, "sha256", json.dumps(digests))
 
 
 def _plain(value: object) -> object:
     """An HDF5 attribute as a Python value."""
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode()
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode()  # strict: damaged text is an error
+    if isinstance(value, np.generic):
+        return value.item()
     return value
 
 
@@ -137,9 +162,16 @@ def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False) -> H
                 if missing:
                     raise CheckpointError(
                         f"{where}: key {key!r}, row block {row_block} lacks {', '.join(missing)}: {_REDO}")
-                sigma = torch.from_numpy(np.asarray(g["sigma"]))
-                eigvals = torch.from_numpy(np.asarray(g["eigvals"]))
-                v = torch.from_numpy(np.asarray(g["V"])) if with_basis else torch.empty(0)
+                arrays = {d: np.asarray(g[d]) for d in wanted}
+                digests = json.loads(_plain(g.attrs["sha256"])) if "sha256" in g.attrs else {}
+                for d, data in arrays.items():
+                    if d in digests and _sha256(data) != digests[d]:
+                        raise CheckpointError(
+                            f"{where}: key {key!r}, row block {row_block}: the data of {d!r} do not "
+                            f"match their sha256 (the file is damaged): {_REDO}")
+                sigma = torch.from_numpy(arrays["sigma"])
+                eigvals = torch.from_numpy(arrays["eigvals"])
+                v = torch.from_numpy(arrays["V"]) if with_basis else torch.empty(0)
                 n = eigvals.shape[0] if eigvals.ndim == 1 else -1
                 if (sigma.shape != (len(experts), n) or (with_basis and v.shape != (n, n))):
                     raise CheckpointError(
@@ -152,7 +184,11 @@ def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False) -> H
                     key=key, row_block=int(row_block), kind=str(_plain(g.attrs["kind"])),
                     block=None if block < 0 else block, V=v, sigma=sigma, eigvals=eigvals,
                     transposed=bool(g.attrs["transposed"]), seconds=float(g.attrs["seconds"])))
-    except OSError as err:
-        raise CheckpointError(f"{where} is unreadable or truncated ({err}): {_REDO}") from err
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        # a failed metadata checksum is a RuntimeError; damaged text a UnicodeDecodeError
+        raise CheckpointError(f"{where} is unreadable or truncated, or damaged ({type(err).__name__}: "
+                              f"{err}): {_REDO}") from err
     entries.sort(key=lambda e: (e.key, e.row_block))
     return HOGSVDCache(experts, entries, attrs, path)

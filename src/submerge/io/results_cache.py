@@ -3,8 +3,9 @@
 An entry's key is the sha256 of everything that determines the result (the inputs' hashes, the
 settings that change results, the code fingerprint), so an entry is reused exactly when the
 result would be the same, and never goes stale: a changed input is a different key. Entries
-are written atomically; an unreadable entry counts as absent (and is overwritten).
-Layout: ``<root>/<key[:2]>/<key>.json``.
+are written atomically; an unreadable entry counts as absent (and is overwritten), and so does
+one whose result does not match the sha256 recorded with it (a changed digit still parses).
+Layout: ``<root>/<key[:2]>/<key>.json``: ``{"key", "what", "result", "result_sha256"}``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from typing import Any, Mapping
 from submerge.io.jsonio import write_json
 
 log = logging.getLogger(__name__)
+
+
+def _result_sha256(result: Any) -> str:
+    text = json.dumps(result, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def result_key(what: Mapping[str, Any]) -> str:
@@ -43,7 +49,16 @@ class ResultsCache:
         except (OSError, ValueError) as err:
             log.warning("%s: unreadable cache entry (%s): computing it again", path, err)
             return None
-        return entry.get("result") if isinstance(entry, dict) and entry.get("key") == key else None
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            return None
+        result = entry.get("result")
+        # entries written before the checksum was recorded have none
+        if "result_sha256" in entry and entry["result_sha256"] != _result_sha256(result):
+            log.warning("%s: cache entry does not match its sha256 (damaged): computing it again", path)
+            return None
+        return result
 
     def put(self, key: str, what: Mapping[str, Any], result: Mapping[str, Any]) -> None:
-        write_json(self.path(key), {"key": key, "what": dict(what), "result": dict(result)})
+        result = dict(result)
+        write_json(self.path(key), {"key": key, "what": dict(what), "result": result,
+                                    "result_sha256": _result_sha256(result)})
