@@ -35,7 +35,7 @@ def run_single_process(cfg: dict, workdir: Path) -> float:
 
     torch.set_num_threads(1)  # as each workflow job (snakemake.threads): same arithmetic
     from submerge import merges
-    from submerge.recipe import GridPoint, parse_config
+    from submerge.recipe import parse_config
     from submerge.report.build import build_figures, build_tables
     from submerge.stages import checkpoints, evaluate, merge, report, selection, spectra, taskvectors
 
