@@ -8,7 +8,9 @@
    can tell (a JSON/CSV result that still parses, a table, a figure, a provenance sidecar),
    ``submerge audit results/<suite>`` must report the file. A case where a reader returns
    data that differ from the undamaged file's without an error is a failure ("silent"); so is
-   any other exception ("crash": no file named, nothing to do).
+   any other exception ("crash": no file named, nothing to do). Two known gaps outside
+   ``submerge.io`` are strict xfails (they fail loudly once fixed, to be unmarked): heads
+   (``load_head`` checks no sha256) and a changed digit inside a provenance sidecar.
 2. ``kill -9`` of the whole Snakemake session when a given file appears (the first expert's
    model, the first merged cache, the first sweep's test point), one after another in the same
    working directory; after each kill every file under a final name is complete, then the
@@ -53,7 +55,6 @@ from submerge import cli
 from submerge.data.heads import load_head
 from submerge.errors import SubmergeError
 from submerge.io import hdf5
-from submerge.io.atomic import parse_temporary_name
 from submerge.io.checkpoints import load_normalized
 from submerge.io.hogsvd_cache import read_hogsvd_cache
 from submerge.io.jsonio import read_json
@@ -268,13 +269,22 @@ def _garbage_json(data: bytes) -> bytes:
     return b'{"sha256": "not json\n'
 
 
-def _digit(data: bytes) -> bytes:
-    """One bit of the first digit from the middle on flipped ('6' <-> '7'): the JSON/CSV still
-    parses."""
-    for i in [*range(len(data) // 2, len(data)), *range(len(data) // 2)]:
+def _digit_after(data: bytes, start: int) -> bytes:
+    """One bit of the first digit at or after ``start`` flipped ('6' <-> '7'), wrapping round."""
+    for i in [*range(start, len(data)), *range(start)]:
         if 48 <= data[i] <= 57:
             return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
     raise AssertionError("no digit to change")
+
+
+def _digit(data: bytes) -> bytes:
+    """A digit from the middle on changed by one bit: the JSON/CSV still parses."""
+    return _digit_after(data, len(data) // 2)
+
+
+def _result_digit(data: bytes) -> bytes:
+    """A digit of a results-cache entry's result (an accuracy) changed by one bit."""
+    return _digit_after(data, data.index(b'"result"'))
 
 
 def _json_without(key: str | None = None) -> Callable[[bytes], bytes]:
@@ -287,14 +297,25 @@ def _json_without(key: str | None = None) -> Callable[[bytes], bytes]:
 
 
 def _csv_without_row(data: bytes) -> bytes:
-    lines = data.splitlines(keepends=True)
-    return b"".join(lines[:-1])
+    return b"".join(data.splitlines(keepends=True)[:-1])
 
 
 BYTES = {"truncate": _truncate, "flip 1/2": _flip_at(0.5), "flip 1/4": _flip_at(0.25),
          "flip 3/4": _flip_at(0.75), "empty": _empty, "garbage": _garbage}
 JSON = {"truncate": _truncate, "flip 1/2": _flip_at(0.5), "empty": _empty,
         "garbage": _garbage_json, "delete a key": _json_without(), "change a digit": _digit}
+
+
+def _own(obj):
+    """``obj`` with every tensor copied: safetensors memory-maps the file, so tensors read
+    from a file that is then overwritten in place would change with it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _own(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(map(_own, obj))
+    return copy.deepcopy(obj)
 
 
 def _same(a, b) -> bool:
@@ -312,7 +333,7 @@ def _same(a, b) -> bool:
 
 
 class Tally:
-    """Cases tried per kind and how each ended."""
+    """Cases tried per kind of file and how each ended."""
 
     OK = ("refused", "absent", "audit", "harmless")
 
@@ -328,10 +349,12 @@ class Tally:
     def summary(self) -> str:
         kinds: dict[str, dict[str, int]] = {}
         for kind, _, outcome, _ in self.cases:
-            kinds.setdefault(kind, {}).update({outcome: kinds.get(kind, {}).get(outcome, 0) + 1})
-        lines = [f"{len(self.cases)} cases tried, "
-                 f"{sum(o in self.OK for _, _, o, _ in self.cases)} survived "
-                 "(refused by the reader / absent from the cache / reported by the audit / harmless)"]
+            counts = kinds.setdefault(kind, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+        survived = sum(o in self.OK for _, _, o, _ in self.cases)
+        lines = [f"{len(self.cases)} cases tried, {survived} survived (refused by the reader with "
+                 "the file named and what to do / absent from the results cache / reported by "
+                 "the audit / no change to what the reader returns)"]
         for kind, counts in kinds.items():
             lines.append(f"  {kind}: {sum(counts.values())} tried: "
                          + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
@@ -340,9 +363,9 @@ class Tally:
 
 def _reader_case(tally: Tally, kind: str, case: str, damaged: Path, read: Callable[[], object],
                  reference: object, *, names: tuple[str, ...] = ()) -> None:
-    """Run the reader on the damaged copy; classify the outcome."""
+    """Run the reader on the damaged file; classify the outcome."""
     try:
-        got = read()
+        got = _own(read())
     except SubmergeError as exc:
         msg = str(exc)
         missing = [w for w in (str(damaged), "delete", "rerun", *names) if w not in msg]
@@ -351,11 +374,13 @@ def _reader_case(tally: Tally, kind: str, case: str, damaged: Path, read: Callab
         else:
             tally.add(kind, case, "refused")
         return
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - not a named error
         tally.add(kind, case, "crash", f"{type(exc).__name__}: {exc}"[:300])
         return
-    tally.add(kind, case, "harmless" if _same(got, reference) else "silent",
-              "" if _same(got, reference) else "the reader returned different data, no error")
+    if _same(got, reference):
+        tally.add(kind, case, "harmless")
+    else:
+        tally.add(kind, case, "silent", "the reader returned different data, no error")
 
 
 def _audit(results: Path) -> tuple[int, str]:
@@ -367,10 +392,10 @@ def _audit(results: Path) -> tuple[int, str]:
 
 def _audit_case(tally: Tally, kind: str, case: str, results: Path, damaged: Path,
                 baseline: str) -> None:
+    """``submerge audit results/<suite>`` must fail and name the damaged file."""
     rc, text = _audit(results)
     rel = str(damaged.relative_to(results))
-    lines = [ln for ln in text.splitlines() if rel in ln and ln not in baseline]
-    if rc != 0 and lines:
+    if rc != 0 and any(rel in ln and ln not in baseline for ln in text.splitlines()):
         tally.add(kind, case, "audit")
     else:
         tally.add(kind, case, "silent", f"audit rc {rc}, no line names {rel}")
@@ -389,6 +414,7 @@ def _damaged(path: Path, fault: Callable[[bytes], bytes]):
 
 @contextlib.contextmanager
 def _h5_without(path: Path, name: str):
+    """``path`` without the HDF5 object ``name`` for the duration, then restored."""
     original = path.read_bytes()
     with h5py.File(path, "a", locking=False) as f:
         del f[name]
@@ -399,15 +425,34 @@ def _h5_without(path: Path, name: str):
 
 
 def _first_dataset(path: Path) -> tuple[str, str]:
-    """(HDF5 path, key named in errors) of the first data set of a store."""
+    """(HDF5 path, the key errors must name) of the first data set of a store."""
+    names: list[str] = []
     with h5py.File(path, "r", locking=False) as f:
-        names: list[str] = []
-        f.visit(lambda n: names.append(n) if isinstance(f[n], h5py.Dataset) and n != hdf5.MANIFEST
-                else None)
-    name = names[0]
-    parts = name.split("/")
-    key = parts[1] if parts[0] in ("dense", "factors") else parts[0]
-    return name, key
+        f.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset)
+                     and n != hdf5.MANIFEST else None)
+    parts = names[0].split("/")
+    if parts[0] in ("dense", "factors"):  # factored store: dense/<key>, factors/<key>/<i>/<U|S|Vh>
+        return names[0], parts[1]
+    if len(parts) >= 3:  # HO-GSVD cache: <key>/<row block>/<V|sigma|eigvals>
+        return names[0], "/".join(parts[:-2])
+    return names[0], parts[0]
+
+
+def _json_cases(tally: Tally, kind: str, path: Path, faults: dict, read: Callable[[], object],
+                results: Path, baseline: str) -> None:
+    """JSON damage: what the reader refuses must be named; what still parses, the audit must see."""
+    reference = _own(read())
+    for case, fault in faults.items():
+        with _damaged(path, fault):
+            try:
+                got = _own(read())
+            except SubmergeError:
+                _reader_case(tally, kind, case, path, read, reference)
+                continue
+            if _same(got, reference):
+                tally.add(kind, case, "harmless")
+            else:
+                _audit_case(tally, kind, case, results, path, baseline)
 
 
 @pytest.fixture(scope="module")
@@ -420,24 +465,35 @@ def results(runs, tmp_path_factory) -> Path:
     return dest / R
 
 
-def test_damaged_files_are_refused_or_reported(results):
-    tally = Tally()
-    baseline_rc, baseline = _audit(results)
-    assert baseline_rc == 0, f"the undamaged run does not audit clean:\n{baseline}"
+@pytest.fixture(scope="module")
+def baseline(results) -> str:
+    rc, text = _audit(results)
+    assert rc == 0, f"the undamaged run does not audit clean:\n{text}"
+    return text
 
-    # --- normalised checkpoints (load_normalized: sha256 from the sidecar) --------------------
+
+def _report(tally: Tally, what: str) -> None:
+    summary = tally.summary()
+    print(f"\n[fault injection] {what}: {summary}")
+    failures = tally.failures()
+    assert not failures, summary + "\nnot survived:\n" + "\n".join(failures)
+
+
+def test_damaged_results_are_refused_or_reported(results, baseline):
+    tally = Tally()
+
+    # --- normalised checkpoints: load_normalized (sha256 in the sidecar, sidecar_sha256) -----
     for rel in ("models/base.safetensors", "models/experts/rot90.safetensors"):
         path = results / rel
         kind = "checkpoint " + ("base" if "base" in rel else "expert")
-        reference = load_normalized(path)
+        reference = _own(load_normalized(path))
         for case, fault in BYTES.items():
             with _damaged(path, fault):
                 _reader_case(tally, kind, case, path, lambda: load_normalized(path), reference)
-        state, _ = reference
-        smaller = {k: v for k, v in list(state.items())[1:]}
-        from safetensors.torch import save as st_bytes
+        from safetensors.torch import save as safetensors_bytes
 
-        with _damaged(path, lambda _: st_bytes(smaller, metadata={"format": "pt"})):
+        smaller = dict(list(reference[0].items())[1:])
+        with _damaged(path, lambda _: safetensors_bytes(smaller, metadata={"format": "pt"})):
             _reader_case(tally, kind, "delete a key", path, lambda: load_normalized(path), reference)
         sidecar = path.with_suffix(".json")
         for case, fault in {**JSON, "delete a key": _json_without("sha256")}.items():
@@ -445,117 +501,126 @@ def test_damaged_files_are_refused_or_reported(results):
                 _reader_case(tally, kind + " sidecar", case, sidecar, lambda: load_normalized(path),
                              reference)
 
-    # --- heads (load_head) --------------------------------------------------------------------
-    head = results / "heads" / "rot90.safetensors"
-    reference = load_head(results, "rot90")
-    for case, fault in BYTES.items():
-        with _damaged(head, fault):
-            _reader_case(tally, "head", case, head, lambda: load_head(results, "rot90"), reference)
-    for case, fault in {**JSON, "delete a key": _json_without("classes")}.items():
-        sidecar = head.with_suffix(".json")
-        with _damaged(sidecar, fault):
-            _reader_case(tally, "head sidecar", case, sidecar, lambda: load_head(results, "rot90"),
-                         reference)
+    # --- HDF5 stores (manifest with data sha256) and the HO-GSVD cache -----------------------
+    def hogsvd(p):
+        return (*read_hogsvd_cache(p, with_basis=True), read_hogsvd_cache(p).attrs)
 
-    # --- HDF5 stores (manifest-checked) and the HO-GSVD cache ---------------------------------
     stores = {
         "task vector": ("taskvectors/rot90.h5", hdf5.read_state_dict),
         "expert spectrum": ("spectra/rot90.h5", hdf5.read_factored),
         "merged (ta)": ("merged/g2/ta.h5", hdf5.read_factored),
         "merged (ta_sb)": ("merged/g2/ta_sb.h5", hdf5.read_factored),
-        "HO-GSVD cache": ("hogsvd/g2.h5",
-                          lambda p: tuple(read_hogsvd_cache(p, with_basis=True)) + (read_hogsvd_cache(p).attrs,)),
+        "HO-GSVD cache": ("hogsvd/g2.h5", hogsvd),
     }
     for kind, (rel, reader) in stores.items():
         path = results / rel
-        reference = reader(path)
+        reference = _own(reader(path))
         for case, fault in BYTES.items():
             with _damaged(path, fault):
                 _reader_case(tally, kind, case, path, lambda: reader(path), reference)
         name, key = _first_dataset(path)
         with _h5_without(path, name):
-            _reader_case(tally, kind, f"delete dataset {name}", path, lambda: reader(path), reference,
+            _reader_case(tally, kind, "delete a dataset", path, lambda: reader(path), reference,
                          names=(key,))
         if kind != "HO-GSVD cache":
             with _h5_without(path, hdf5.MANIFEST):
                 _reader_case(tally, kind, "delete the manifest", path, lambda: reader(path), reference)
 
-    # --- JSON results (read_json; what still parses: the audit) -------------------------------
-    json_results = {
-        "reference accuracy": "reference/rot90.json",
-        "grid point": next(str(p.relative_to(results)) for p in sorted((results / "grid").rglob("a*.json"))
-                           if not p.name.endswith(".json.json")),
-        "test point": "test/g2/ta_sb.json",
-        "summary (JSON)": "summaries/hogsvd_summary.json",
-    }
-    for kind, rel in json_results.items():
-        path = results / rel
-        reference = read_json(path)
-        for case, fault in JSON.items():
-            with _damaged(path, fault):
-                try:
-                    got = read_json(path)
-                except SubmergeError:
-                    got = None
-                if got is None or not _same(got, reference):
-                    if got is None:
-                        _reader_case(tally, kind, case, path, lambda: read_json(path), reference)
-                    else:  # parses: the audit must see the change
-                        _audit_case(tally, kind, case, results, path, baseline)
-                else:
-                    tally.add(kind, case, "harmless")
+    # --- JSON results: read_json; a change that still parses: the audit ----------------------
+    grid_point = next(p for p in sorted((results / "grid").rglob("a*.json"))
+                      if not p.name.endswith(".json.json"))
+    for kind, path in {"reference accuracy": results / "reference" / "rot90.json",
+                       "grid point": grid_point,
+                       "test point": results / "test" / "g2" / "ta_sb.json",
+                       "summary (JSON)": results / "summaries" / "hogsvd_summary.json"}.items():
+        _json_cases(tally, kind, path, JSON, lambda: read_json(path), results, baseline)
 
-    # --- results cache entries (unreadable or changed: absent, computed again) ---------------
+    # --- results cache entries: damaged = absent (computed again) ----------------------------
     cache = ResultsCache(results / "cache" / "points")
     entries = sorted((results / "cache" / "points").rglob("*.json"))
-    assert entries
+    assert len(entries) == 4  # (ta, ta_sb) x (val, test)
     for path in entries[:2]:
         key = path.stem
-        assert cache.get(key) is not None
-        for case, fault in {**JSON, "delete a key": _json_without("result")}.items():
+        reference = _own(cache.get(key))
+        assert reference is not None
+        faults = {**JSON, "delete a key": _json_without("result"), "change a digit of the result":
+                  _result_digit}
+        for case, fault in faults.items():
             with _damaged(path, fault):
                 got = cache.get(key)
-                tally.add("results cache entry", case, "absent" if got is None else "silent",
-                          "" if got is None else f"get() returned {got}")
+            if got is None:
+                tally.add("results cache entry", case, "absent")
+            else:
+                tally.add("results cache entry", case, "harmless" if _same(got, reference) else "silent",
+                          f"get() returned {got}")
 
-    # --- CSV results, summaries, tables, figures: the audit ------------------------------------
-    audited = {
-        "scores.csv": "scores.csv",
-        "summary (CSV)": "summaries/spectra_summary.csv",
-        "summary (singular values)": "summaries/singular_values.csv",
-        "table": "tables/main_results.csv",
-        "table (markdown)": "tables/main_results.md",
-        "figure (PDF)": "figures/spectra.pdf",
-        "figure (PNG)": "figures/spectra.png",
-    }
-    for kind, rel in audited.items():
+    # --- CSV results, summaries, tables, figures: the audit ----------------------------------
+    for kind, rel in {"scores.csv": "scores.csv",
+                      "summary (CSV)": "summaries/spectra_summary.csv",
+                      "summary (singular values)": "summaries/singular_values.csv",
+                      "table (CSV)": "tables/main_results.csv",
+                      "table (markdown)": "tables/main_results.md",
+                      "figure (PDF)": "figures/spectra.pdf",
+                      "figure (PNG)": "figures/spectra.png"}.items():
         path = results / rel
-        faults = {**BYTES}
+        faults = dict(BYTES)
         if path.suffix == ".csv":
             faults.update({"delete a row": _csv_without_row, "change a digit": _digit})
         for case, fault in faults.items():
             with _damaged(path, fault):
                 _audit_case(tally, kind, case, results, path, baseline)
 
-    # --- provenance sidecars (garbage, truncated, ...: the audit names them) -----------------
-    sidecars = {
-        "provenance sidecar (task vector)": "taskvectors/rot90.h5.json",
-        "provenance sidecar (merged)": "merged/g2/ta_sb.h5.json",
-        "provenance sidecar (test point)": "test/g2/ta.json.json",
-        "provenance sidecar (scores)": "scores.csv.json",
-        "provenance sidecar (table)": "tables/main_results.csv.json",
-    }
-    for kind, rel in sidecars.items():
+    # --- provenance sidecars: unreadable or incomplete ones are named by the audit -----------
+    faults = {**JSON, "delete a key": _json_without("outputs")}
+    del faults["change a digit"]  # see test_changed_provenance_sidecars_are_reported
+    for kind, rel in PROVENANCE_SIDECARS.items():
         path = results / rel
-        for case, fault in {**JSON, "delete a key": _json_without("outputs")}.items():
+        for case, fault in faults.items():
             with _damaged(path, fault):
                 _audit_case(tally, kind, case, results, path, baseline)
 
     assert _audit(results)[0] == 0, "the copy was not restored after the cases"
-    summary = tally.summary()
-    print("\n[fault injection] " + summary)
-    failures = tally.failures()
-    assert not failures, summary + "\nnot survived:\n" + "\n".join(failures)
+    _report(tally, "results")
+
+
+PROVENANCE_SIDECARS = {
+    "provenance sidecar (task vector)": "taskvectors/rot90.h5.json",
+    "provenance sidecar (merged)": "merged/g2/ta_sb.h5.json",
+    "provenance sidecar (test point)": "test/g2/ta.json.json",
+    "provenance sidecar (scores)": "scores.csv.json",
+    "provenance sidecar (table)": "tables/main_results.csv.json",
+}
+
+
+@pytest.mark.xfail(strict=True, reason="load_head (submerge/data/heads.py, outside io/) checks no "
+                   "sha256: a flipped byte in a head's weights, or a changed/deleted logit_scale "
+                   "or normalize in its sidecar, is read silently")
+def test_damaged_heads_are_refused(results, baseline):
+    tally = Tally()
+    head = results / "heads" / "rot90.safetensors"
+    reference = _own(load_head(results, "rot90"))
+    for case, fault in BYTES.items():
+        with _damaged(head, fault):
+            _reader_case(tally, "head", case, head, lambda: load_head(results, "rot90"), reference)
+    sidecar = head.with_suffix(".json")
+    for case, fault in {**JSON, "delete a key": _json_without("logit_scale"),
+                        "change a digit": lambda d: _digit_after(d, d.index(b"logit_scale"))}.items():
+        with _damaged(sidecar, fault):
+            _reader_case(tally, "head sidecar", case, sidecar, lambda: load_head(results, "rot90"),
+                         reference)
+    _report(tally, "heads")
+
+
+@pytest.mark.xfail(strict=True, reason="a provenance sidecar (submerge/report/provenance.py, "
+                   "outside io/) has no checksum of its own: a changed digit in its config, "
+                   "versions or byte counts passes the audit")
+def test_changed_provenance_sidecars_are_reported(results, baseline):
+    tally = Tally()
+    for kind, rel in PROVENANCE_SIDECARS.items():
+        path = results / rel
+        with _damaged(path, _digit):
+            _audit_case(tally, kind, "change a digit", results, path, baseline)
+    _report(tally, "provenance sidecars, a digit changed")
 
 
 def test_kill_9_and_rerun(runs):
@@ -566,7 +631,13 @@ def test_kill_9_and_rerun(runs):
                                    f"incomplete files under a final name: {o['incomplete_final_files']}"
                                    if o["killed"] else f"NOT reached (run ended, rc {o['rc']})")
               for o in killed.outcomes]
-    text = "kill points:\n  " + "\n  ".join(report)
+    plain = killed.plain_rerun
+    assert plain is not None, f"no kill point was reached: {killed.outcomes}"
+    said = plain.stdout + plain.stderr
+    hint = next((ln.strip() for ln in said.splitlines() if "--unlock" in ln or "--rerun-incomplete" in ln),
+                "(no hint)")
+    text = ("kill points:\n  " + "\n  ".join(report)
+            + f"\n  a plain rerun after the first kill: rc {plain.returncode}: {hint}")
     print(f"\n[fault injection] {text}")
     assert killed.final.returncode == 0, (text + "\nrerun failed:\n" + _tail(killed.final.stdout)
                                           + _tail(killed.final.stderr))
@@ -575,8 +646,6 @@ def test_kill_9_and_rerun(runs):
         assert not o["incomplete_final_files"], text
         assert o["unlock_rc"] == 0, text
     # a plain rerun after the kill stops and says what to do
-    plain = killed.plain_rerun
-    said = plain.stdout + plain.stderr
     assert plain.returncode != 0 and ("--unlock" in said or "--rerun-incomplete" in said), _tail(said)
     # the rerun gives the uninterrupted run's scores, byte for byte, and leaves no temporary
     full, chain = runs.full / R / "scores.csv", runs.chain / R / "scores.csv"

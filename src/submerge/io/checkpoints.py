@@ -7,13 +7,15 @@
   ``sha256``.
 * :func:`save_normalized` / :func:`load_normalized`: the normalised form of a checkpoint,
   a safetensors file plus a JSON sidecar (``path.with_suffix(".json")``) holding the
-  caller's metadata and the written file's sha256, dtype and parameter count.
+  caller's metadata and the written file's sha256, dtype and parameter count, and
+  ``sidecar_sha256``, the sha256 of the sidecar's other fields (a changed digit in it is
+  caught; sidecars written before it was recorded have none).
 * :func:`save_safetensors`: every ``.safetensors`` result is written through it (serialised
   in memory, then written by :mod:`submerge.io.atomic`: no temporary file of the
   safetensors library, and the umask's file mode).
 
-A normalised checkpoint that cannot be read (a garbage sidecar, a truncated or garbage
-safetensors file, a hash mismatch) raises :class:`CheckpointError` naming the file and
+A normalised checkpoint that cannot be read (a garbage or changed sidecar, a truncated or
+garbage safetensors file, a hash mismatch) raises :class:`CheckpointError` naming the file and
 the workflow rule to rerun.
 """
 
@@ -39,7 +41,13 @@ from submerge.io.atomic import sha256_file, write_bytes_atomic, write_text_atomi
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-_RESERVED_META = ("sha256", "dtype", "n_params")
+_RESERVED_META = ("sha256", "dtype", "n_params", "sidecar_sha256")
+
+
+def _sidecar_digest(sidecar: Mapping) -> str:
+    """sha256 of a sidecar's fields other than ``sidecar_sha256`` (canonical JSON)."""
+    body = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str, what: str | None = None) -> None:
@@ -163,7 +171,8 @@ def save_normalized(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     """Write ``state_dict`` to ``path`` (safetensors) and ``meta`` to its JSON sidecar, atomically.
 
     The sidecar holds ``meta`` plus ``sha256`` (of the written file), ``dtype`` (the tensors'
-    dtype names, comma-joined when mixed) and ``n_params``; those names may not be in ``meta``.
+    dtype names, comma-joined when mixed), ``n_params`` and ``sidecar_sha256`` (of the
+    sidecar's other fields); those names may not be in ``meta``.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -183,6 +192,7 @@ def save_normalized(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         "dtype": ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})),
         "n_params": sum(t.numel() for t in tensors.values()),
     }
+    sidecar["sidecar_sha256"] = _sidecar_digest(sidecar)
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
 
@@ -228,6 +238,9 @@ def load_normalized(path: str | os.PathLike, *, verify: bool = True) -> tuple[St
     if not isinstance(meta, dict):
         raise CheckpointError(f"{sidecar_path}: the sidecar of {path} is not a JSON object: "
                               f"{_normalized_rule(path)}")
+    if "sidecar_sha256" in meta and meta["sidecar_sha256"] != _sidecar_digest(meta):
+        raise CheckpointError(f"{sidecar_path}: the sidecar of {path} was changed after it was "
+                              f"written (its sidecar_sha256 does not match): {_normalized_rule(path)}")
     advice = _normalized_rule(path, meta)
     if verify:
         if "sha256" not in meta:

@@ -4,7 +4,8 @@ An entry's key is the sha256 of everything that determines the result (the input
 settings that change results, the code fingerprint), so an entry is reused exactly when the
 result would be the same, and never goes stale: a changed input is a different key. Entries
 are written atomically; an unreadable entry counts as absent (and is overwritten), and so does
-one whose result does not match the sha256 recorded with it (a changed digit still parses).
+one whose ``what`` does not hash to its key or whose result does not match the sha256 recorded
+with it (a changed digit still parses).
 Layout: ``<root>/<key[:2]>/<key>.json``: ``{"key", "what", "result", "result_sha256"}``.
 """
 
@@ -52,9 +53,15 @@ class ResultsCache:
         if not isinstance(entry, dict) or entry.get("key") != key:
             return None
         result = entry.get("result")
-        # entries written before the checksum was recorded have none
-        if "result_sha256" in entry and entry["result_sha256"] != _result_sha256(result):
-            log.warning("%s: cache entry does not match its sha256 (damaged): computing it again", path)
+        try:  # what it records must hash to its key, the result to its sha256 (entries written
+            # before the sha256 was recorded have none)
+            intact = result_key(entry["what"]) == key and (
+                "result_sha256" not in entry or entry["result_sha256"] == _result_sha256(result))
+        except (KeyError, TypeError, ValueError):
+            intact = False
+        if not intact:
+            log.warning("%s: cache entry does not match its key or sha256 (damaged): computing it "
+                        "again", path)
             return None
         return result
 
