@@ -8,9 +8,8 @@
    can tell (a JSON/CSV result that still parses, a table, a figure, a provenance sidecar),
    ``submerge audit results/<suite>`` must report the file. A case where a reader returns
    data that differ from the undamaged file's without an error is a failure ("silent"); so is
-   any other exception ("crash": no file named, nothing to do). Two known gaps outside
-   ``submerge.io`` are strict xfails (they fail loudly once fixed, to be unmarked): heads
-   (``load_head`` checks no sha256) and a changed digit inside a provenance sidecar.
+   any other exception ("crash": no file named, nothing to do). Heads carry their sha256 and
+   their sidecar's; provenance sidecars carry their own hash (``sidecar_sha256``).
 2. ``kill -9`` of the whole Snakemake session when a given file appears (the first expert's
    model, the first merged cache, the first sweep's test point), one after another in the same
    working directory; after each kill every file under a final name is complete, then the
@@ -592,9 +591,6 @@ PROVENANCE_SIDECARS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="load_head (submerge/data/heads.py, outside io/) checks no "
-                   "sha256: a flipped byte in a head's weights, or a changed/deleted logit_scale "
-                   "or normalize in its sidecar, is read silently")
 def test_damaged_heads_are_refused(results, baseline):
     tally = Tally()
     head = results / "heads" / "rot90.safetensors"
@@ -611,9 +607,6 @@ def test_damaged_heads_are_refused(results, baseline):
     _report(tally, "heads")
 
 
-@pytest.mark.xfail(strict=True, reason="a provenance sidecar (submerge/report/provenance.py, "
-                   "outside io/) has no checksum of its own: a changed digit in its config, "
-                   "versions or byte counts passes the audit")
 def test_changed_provenance_sidecars_are_reported(results, baseline):
     tally = Tally()
     for kind, rel in PROVENANCE_SIDECARS.items():

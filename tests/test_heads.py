@@ -175,7 +175,11 @@ def test_save_head_round_trip(tmp_path):
     tensors = load_file(str(path))
     assert torch.equal(tensors["weight"], weight) and torch.equal(tensors["bias"], bias)
     sidecar = json.loads(path.with_suffix(".json").read_text())
+    from submerge.io.atomic import sha256_file
+
+    hashes = {k: sidecar.pop(k) for k in ("sha256", "sidecar_sha256")}
     assert sidecar == {"normalize": True, "logit_scale": 100.0, "classes": ["a", "b", "c"], "source": "zero_shot"}
+    assert hashes["sha256"] == sha256_file(path)  # the head's own hash, checked on reading
     assert sorted(p.name for p in path.parent.iterdir()) == ["mnist.json", "mnist.safetensors"]  # no temp files
 
     save_head(path, weight, None, {"normalize": False, "logit_scale": 1, "classes": None})

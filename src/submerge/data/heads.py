@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from submerge.errors import CheckpointError
-from submerge.io.atomic import write_text_atomic
-from submerge.io.checkpoints import save_safetensors
+from submerge.io.atomic import sha256_file, write_text_atomic
+from submerge.io.checkpoints import save_safetensors, sidecar_digest
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def head_from_module(
 def save_head(path: str | Path, weight: torch.Tensor, bias: torch.Tensor | None, meta: Mapping) -> None:
     """Write a head: ``path`` (.safetensors: ``weight``, optional ``bias``) and ``path.with_suffix('.json')``.
 
-    Both files are written atomically, the sidecar first. ``meta`` must hold ``normalize`` (bool) and
+    Both files are written atomically, the sidecar last (it records the head's sha256 and its own). ``meta`` must hold ``normalize`` (bool) and
     ``logit_scale`` (number); ``classes`` (list of C names, or None) is stored when given,
     and any other JSON-serialisable entries are kept.
     """
@@ -170,11 +170,12 @@ def save_head(path: str | Path, weight: torch.Tensor, bias: torch.Tensor | None,
     tensors = {"weight": weight.detach().cpu().contiguous()}
     if bias is not None:
         tensors["bias"] = bias.detach().cpu().contiguous()
+    digest = save_safetensors(tensors, path)  # the umask's file mode, like every result
     sidecar = {**dict(meta), "logit_scale": float(meta["logit_scale"]),
-               "classes": None if classes is None else list(classes)}
-    # sidecar first: a head file on disk always has its sidecar
+               "classes": None if classes is None else list(classes), "sha256": digest}
+    sidecar["sidecar_sha256"] = sidecar_digest(sidecar)  # a changed digit in it is caught
+    # the sidecar last, with the head's sha256: a head without its sidecar is refused on reading
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n")
-    save_safetensors(tensors, path)  # the umask's file mode, like every result
 
 
 def head_path(root: str | Path, expert: str) -> Path:
@@ -210,6 +211,15 @@ def load_head(root: str | Path, expert: str) -> tuple[torch.Tensor, torch.Tensor
         raise CheckpointError(f"{sidecar}: cannot read head sidecar: {err}: {rerun}") from err
     if not isinstance(raw, dict):
         raise CheckpointError(f"{sidecar}: expected a JSON object: {rerun}")
+    if "sidecar_sha256" in raw and raw["sidecar_sha256"] != sidecar_digest(raw):
+        raise CheckpointError(f"{sidecar}: changed after it was written (its sidecar_sha256 does "
+                              f"not match): {rerun}")
+    if "sha256" in raw and sha256_file(path) != raw["sha256"]:
+        raise CheckpointError(f"{path}: sha256 differs from the one its sidecar recorded (the "
+                              f"file changed after it was written): {rerun}")
+    missing = [k for k in ("normalize", "logit_scale") if k not in raw]
+    if missing:
+        raise CheckpointError(f"{sidecar}: no {missing[0]!r}: {rerun}")
 
     weight, bias = tensors.get("weight"), tensors.get("bias")
     extra = set(tensors) - {"weight", "bias"}

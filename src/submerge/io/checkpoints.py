@@ -44,7 +44,7 @@ StateDict = dict[str, torch.Tensor]
 _RESERVED_META = ("sha256", "dtype", "n_params", "sidecar_sha256")
 
 
-def _sidecar_digest(sidecar: Mapping) -> str:
+def sidecar_digest(sidecar: Mapping) -> str:
     """sha256 of a sidecar's fields other than ``sidecar_sha256`` (canonical JSON)."""
     body = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -192,7 +192,7 @@ def save_normalized(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         "dtype": ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})),
         "n_params": sum(t.numel() for t in tensors.values()),
     }
-    sidecar["sidecar_sha256"] = _sidecar_digest(sidecar)
+    sidecar["sidecar_sha256"] = sidecar_digest(sidecar)
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
 
@@ -238,7 +238,7 @@ def load_normalized(path: str | os.PathLike, *, verify: bool = True) -> tuple[St
     if not isinstance(meta, dict):
         raise CheckpointError(f"{sidecar_path}: the sidecar of {path} is not a JSON object: "
                               f"{_normalized_rule(path)}")
-    if "sidecar_sha256" in meta and meta["sidecar_sha256"] != _sidecar_digest(meta):
+    if "sidecar_sha256" in meta and meta["sidecar_sha256"] != sidecar_digest(meta):
         raise CheckpointError(f"{sidecar_path}: the sidecar of {path} was changed after it was "
                               f"written (its sidecar_sha256 does not match): {_normalized_rule(path)}")
     advice = _normalized_rule(path, meta)

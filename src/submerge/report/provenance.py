@@ -336,6 +336,7 @@ def write_sidecar(
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     path = sidecar_path(outs[0])
+    record["sidecar_sha256"] = _record_digest(record)  # a changed digit in it is reported
     write_text_atomic(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
     log.info(
         "wrote provenance sidecar %s (%d outputs, %d inputs)",
@@ -470,6 +471,13 @@ def _read_json(path: Path) -> tuple[Any, str]:
         return None, f"invalid JSON ({exc})"
 
 
+def _record_digest(record: Mapping[str, Any]) -> str:
+    """sha256 of a sidecar's fields other than ``sidecar_sha256`` (canonical JSON)."""
+    body = {k: v for k, v in record.items() if k != "sidecar_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _sidecar_problem(path: Path) -> str:
     """"" when ``path`` is a readable provenance sidecar, else why not."""
     data, why = _read_json(path)
@@ -481,12 +489,13 @@ def _sidecar_problem(path: Path) -> str:
         return f"schema {data.get('schema')!r} is not {SCHEMA!r}"
     if not isinstance(data.get("outputs"), list) or not isinstance(data.get("inputs"), list):
         return "no 'outputs' / 'inputs' lists"
+    if "sidecar_sha256" in data and data["sidecar_sha256"] != _record_digest(data):
+        return "changed after it was written (its sidecar_sha256 does not match)"
     return ""
 
 
 def _load_sidecar(path: Path) -> dict | None:
-    data, why = _read_json(path)
-    return data if not why and isinstance(data, dict) and data.get("schema") == SCHEMA else None
+    return None if _sidecar_problem(path) else _read_json(path)[0]
 
 
 def is_sidecar(path: PathLike) -> bool:
