@@ -307,7 +307,7 @@ def parse_method(name: str, cfg: Mapping, grid: Mapping, groups: Sequence[str]) 
         raise ConfigError(f"config field {where}.merge: required (one of {sorted(merges.MERGES)})")
     spec = merges.get(cfg["merge"], f"{where}.merge")
     hyper = spec.check_hyper({k: v for k, v in cfg.items() if k not in _METHOD_KEYS}, where)
-    boosted = cfg.get("boost") is not None or "boost" in cfg
+    boosted = "boost" in cfg  # `boost: {}` (or null) boosts with the defaults
     if "beta" in cfg and not boosted:
         raise ConfigError(f"config field {where}.beta: a β list on a method without 'boost' "
                           "would be ignored; remove it or add boost: {}")

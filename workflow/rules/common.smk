@@ -6,9 +6,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-sys.path.insert(
-    0, str(Path(workflow.basedir) / "src")
-)  # the library, without installing it
+# the library, also without installing it
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from submerge import merges
 from submerge.errors import ConfigError
@@ -33,9 +32,8 @@ GROUPS = RECIPE.groups
 METHODS = RECIPE.methods
 PAIRS = RECIPE.pairs()  # every (group, method) that is merged and evaluated
 GPU = 1 if RECIPE.gpu else 0
-POINT_CACHE = (
-    f"{R}/cache/points"  # content-addressed results of every evaluated grid point
-)
+# content-addressed results of every evaluated grid point
+POINT_CACHE = f"{R}/cache/points"
 
 
 wildcard_constraints:
