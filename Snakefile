@@ -31,6 +31,15 @@ onstart:
     lock_suite()  # one run per suite at a time
     # temporary files that a killed job left behind (never those of a running writer)
     clean_stale_temporaries(R)
+    start_warm_worker()  # local runs: jobs start in a preloaded process
+
+
+onsuccess:
+    stop_warm_worker()
+
+
+onerror:
+    stop_warm_worker()
 
 
 rule all:

@@ -1,4 +1,7 @@
 """Snakemake script: the base model's tower, normalised (see submerge.stages.checkpoints.build_base)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import Suite
 from submerge.stages.checkpoints import build_base

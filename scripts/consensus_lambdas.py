@@ -1,4 +1,7 @@
 """Snakemake script: TALL-mask λ per task chosen on validation (see submerge.stages.merge.choose_tall_lambdas)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import EvalSettings, Suite
 from submerge.stages.merge import choose_tall_lambdas

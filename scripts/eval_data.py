@@ -1,4 +1,7 @@
 """Snakemake script: one image task's evaluation split, decoded and resized/cropped once (see submerge.stages.evaldata.prepare_eval_data)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.stages.evaldata import prepare_eval_data
 

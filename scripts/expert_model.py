@@ -1,4 +1,7 @@
 """Snakemake script: one expert's tower and head, its task vector and the task vector's per-layer SVD (see submerge.stages.checkpoints.build_expert, stages.taskvectors.make_task_vector, stages.spectra.expert_spectrum)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import Suite
 from submerge.stages.checkpoints import build_expert

@@ -1,4 +1,7 @@
 """Snakemake script: the downloads of one fetch job on the submit host (see submerge.stages.fetch)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.stages.fetch import prefetch_dataset, prefetch_sources, prefetch_tokenizer
 

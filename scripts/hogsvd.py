@@ -1,4 +1,7 @@
 """Snakemake script: per-layer HO-GSVD of one group (see submerge.stages.spectra.hogsvd_group)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import HOGSVDSettings, runtime_settings
 from submerge.stages.spectra import hogsvd_group

@@ -1,4 +1,7 @@
 """Snakemake script: alignment matrices and subspace importance of one group's HO-GSVD cache (see submerge.stages.report.hogsvd_summary)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.stages.report import hogsvd_summary
 

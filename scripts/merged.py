@@ -1,4 +1,7 @@
 """Snakemake script: Δ_merge of one (group, method) and its SVD cache (see submerge.stages.merge.merge_group)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.merges import EXTRA_INPUTS
 from submerge.recipe import Method, runtime_settings

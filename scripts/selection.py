@@ -1,4 +1,7 @@
 """Snakemake script: the runs of the expert-selection experiment in one CSV (see submerge.stages.selection.aggregate_selection)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.stages.selection import aggregate_selection
 

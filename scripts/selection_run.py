@@ -1,4 +1,7 @@
 """Snakemake script: one run of the expert-selection experiment (see submerge.stages.selection.run_selection_draw)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import EvalSettings, Method, SelectionExperiment, Suite
 from submerge.stages.selection import run_selection_draw

@@ -1,4 +1,7 @@
 """Snakemake script: rank and spectrum summaries of all merged caches (see submerge.stages.report.spectra_summary)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import Method
 from submerge.stages.report import keyed, spectra_summary

@@ -1,4 +1,7 @@
 """Snakemake script: the (α, β) grid of one (group, method) on validation and the chosen point on test (see submerge.stages.evaluate.run_sweep)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import EvalSettings, GridPoint, Method, Suite
 from submerge.stages.evaluate import run_sweep

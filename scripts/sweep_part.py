@@ -1,4 +1,7 @@
 """Snakemake script: one part of a (group, method)'s grid on validation, into the results cache (see submerge.stages.evaluate.run_sweep_part)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from submerge.logs import setup_logging
 from submerge.recipe import EvalSettings, GridPoint, Method, Suite
 from submerge.stages.evaluate import run_sweep_part

@@ -1,4 +1,7 @@
 """Snakemake script: every table of the report (see submerge.report.build.build_tables; no torch)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from pathlib import Path
 
 from submerge.logs import setup_logging

@@ -106,7 +106,29 @@ def test_settings_that_change_no_result_rerun_nothing(tiny_run):
     cfg["eval"]["batch_size"] = 7
     cfg["device"] = "auto"
     cfg["groups"]["g3"] = list(reversed(cfg["groups"]["g3"]))  # a group is a set
+    cfg["warm_worker"] = False  # where jobs start (submerge.worker), not what they compute
     assert planned_jobs(workdir, write_config(workdir, cfg, "runtime.yaml")) == set()
+
+
+def test_jobs_run_in_the_warm_worker_and_compute_what_their_own_processes_compute(copy_of_run):
+    workdir, cfg = copy_of_run
+    log = (workdir / "logs" / "tiny" / "warm_worker.log").read_text()
+    for script in ("base_model", "expert_model", "merged", "sweep", "scores", "tables"):
+        assert f"/{script}.py" in log or f".{script}.py" in log, script  # ran in the worker
+    sweep = workdir / R / "grid" / "g3" / "ta_sb"
+    results = sorted(sweep.glob("a*_b*[0-9].json")) + [workdir / R / "test" / "g3" / "ta_sb.json"]
+    before = {p: p.read_bytes() for p in results}
+    # g3's TA + SB merge and sweep again, each job in a process of its own, nothing cached
+    shutil.rmtree(sweep)
+    results[-1].unlink()
+    shutil.rmtree(workdir / R / "cache" / "points")
+    (workdir / R / "merged" / "g3" / "ta_sb.h5").unlink()
+    cfg["warm_worker"] = False
+    snakemake(workdir, write_config(workdir, cfg, "cold.yaml"), f"{R}/test/g3/ta_sb.json")
+    # g3's 2 alphas x 1 beta and the chosen point, computed again
+    assert {k: len(v) for k, v in _evaluations(workdir).items()} == {"val": 2, "test": 1}
+    assert {p: p.read_bytes() for p in results} == before
+    assert (workdir / "logs" / "tiny" / "warm_worker.log").read_text() == log  # none started
 
 
 def test_adding_an_expert_reruns_only_what_depends_on_it(copy_of_run):

@@ -107,9 +107,15 @@ def code_fingerprint(*modules: str, merges: bool = False) -> str:
     return digest.hexdigest()[:16]
 
 
+# Where a job runs, not what it computes: the warm worker (submerge.worker) starts jobs and
+# names the stage modules it preloads; a job computes the same with or without it (tested).
+LAUNCHERS = frozenset({f"{PACKAGE}.worker"})
+
+
 def script_fingerprint(path: str | Path, *, merges: bool = False) -> str:
     """The fingerprint of a Snakemake script: its own syntax tree and the submerge modules it
-    imports (``merges``: it runs merge functions, see :func:`reachable_modules`)."""
+    imports (``merges``: it runs merge functions, see :func:`reachable_modules`), less the
+    :data:`LAUNCHERS`."""
     tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     modules = set()
     for node in ast.walk(tree):
@@ -118,5 +124,6 @@ def script_fingerprint(path: str | Path, *, merges: bool = False) -> str:
         elif isinstance(node, ast.Import):
             modules.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
     digest = hashlib.sha256(ast.dump(_strip_docstrings(tree), annotate_fields=False).encode())
+    modules -= LAUNCHERS
     digest.update(code_fingerprint(*sorted(modules), merges=merges).encode() if modules else b"")
     return digest.hexdigest()[:16]

@@ -29,8 +29,9 @@ def setup_logging(log_path: str | os.PathLike | None, threads: int | None = None
     try:  # how long the job took to get here: interpreter, imports, Snakemake's script preamble
         import psutil
 
-        logging.getLogger("submerge").info(
-            "start-up: %.2f s", time.time() - psutil.Process().create_time())
+        # in the warm worker (submerge.worker) the job's own process started before this one
+        started = os.environ.get("SUBMERGE_JOB_START") or psutil.Process().create_time()
+        logging.getLogger("submerge").info("start-up: %.2f s", time.time() - float(started))
     except ImportError:  # psutil comes with Snakemake; outside it the start-up is not logged
         pass
 

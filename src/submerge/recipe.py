@@ -42,7 +42,7 @@ SCORE_DIGITS = 6
 
 # config keys that describe the workflow rather than the suite; every other key is the suite's
 WORKFLOW_KEYS = ("groups", "methods", "grid", "eval", "experiments", "consensus_lambdas",
-                 "hogsvd", "device", "gpu", "save_merged")
+                 "hogsvd", "device", "gpu", "save_merged", "warm_worker")
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -477,6 +477,7 @@ class Recipe:
     hogsvd: HOGSVDSettings
     gpu: bool = True
     save_merged: bool = False
+    warm_worker: bool = True   # local runs: jobs start in a preloaded process (submerge.worker)
 
     @property
     def experts(self) -> list[str]:
@@ -567,7 +568,8 @@ def parse_config(cfg: Mapping) -> Recipe:
     return Recipe(suite=Suite(name=suite_name, adapter=cfg["adapter"], view=suite_view),
                   groups=groups, methods=methods, eval=eval_settings, selection=selection,
                   consensus_lambdas=lambdas, hogsvd=hogsvd, gpu=bool(cfg.get("gpu", True)),
-                  save_merged=bool(cfg.get("save_merged", False)))
+                  save_merged=bool(cfg.get("save_merged", False)),
+                  warm_worker=bool(cfg.get("warm_worker", True)))
 
 
 def _check_downloaded_expert(cfg: Mapping, name: str, spec: Mapping) -> None:

@@ -164,8 +164,8 @@ def method_params(wildcards):
 
 
 def result_config():
-    """The config less the settings that change no result (recipe.runtime_settings, gpu)."""
-    out = {k: v for k, v in config.items() if k not in ("device", "gpu")}
+    """The config less the settings that change no result (recipe.runtime_settings, gpu, warm_worker)."""
+    out = {k: v for k, v in config.items() if k not in ("device", "gpu", "warm_worker")}
     out["groups"] = {g: list(m) for g, m in RECIPE.groups.items()}  # a group is a set
     if "eval" in out:
         out["eval"] = {k: v for k, v in out["eval"].items() if k != "batch_size"}
@@ -305,6 +305,27 @@ def lock_suite():
             f"another run on suite {SUITE!r} is running in this directory (it holds "
             f"{R}/.run.lock): wait for it to end, or stop it"
         ) from None
+
+
+WARM_WORKER = None
+
+
+def start_warm_worker():
+    """Local runs: one process that has imported torch, the adapter's library and the stage
+    modules runs every job in a fork of itself (src/submerge/worker.py), so that a job pays
+    no start-up of its own. Cluster jobs, and `warm_worker: false`, start as usual."""
+    global WARM_WORKER
+    if not RECIPE.warm_worker or not workflow.local_exec or workflow.remote_exec:
+        return
+    from submerge import worker
+
+    preload = [*worker.COMMON_PRELOAD, worker.ADAPTER + RECIPE.suite.adapter]
+    WARM_WORKER = worker.start(preload, log=f"logs/{SUITE}/warm_worker.log")
+
+
+def stop_warm_worker():
+    if WARM_WORKER is not None:
+        WARM_WORKER.stop()
 
 
 def all_targets():

@@ -128,6 +128,9 @@ class Adapter:
 
     name: str = ""
     rules: tuple[tuple[re.Pattern[str], str, int], ...] = ()
+    #: the libraries it imports (lazily) to build or run a model: the warm worker of local
+    #: workflow runs (:mod:`submerge.worker`) imports them once for all jobs
+    libraries: tuple[str, ...] = ()
 
     def layer_info(self, key: str) -> LayerInfo:
         """Block, kind and stacking of one normalised key; CheckpointError for a foreign key."""
