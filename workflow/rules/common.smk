@@ -238,7 +238,9 @@ def eval_data_files(experts, splits=("val", "test")):
     """rule eval_data's files of the image-dataset experts among ``experts``, and rule
     eval_text's of the text experts with a template file."""
     files = [
-        eval_data_file(R, e, RECIPE.suite.experts[e], s) for e in experts for s in splits
+        eval_data_file(R, e, RECIPE.suite.experts[e], s)
+        for e in experts
+        for s in splits
     ]
     return [f for f in files if f is not None]
 
