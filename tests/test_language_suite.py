@@ -251,10 +251,16 @@ def _make_inputs(root: Path) -> tuple[dict, dict]:
         head, val = train[:-val_last], train[-val_last:]
         val, expected[(task, "val")] = _labelled(task, expert, tokenizer, val)
         test, expected[(task, "test")] = _labelled(task, expert, tokenizer, test)
-        _save(root / "data" / task, {"train": head + val, "validation": test})
+        if task == "quartz":  # a hub dataset (a local hub-style folder of Parquet files): rule fetch_dataset
+            source = {"hub": str(root / "hub" / task)}
+            (root / "hub" / task).mkdir(parents=True)
+            for split, split_rows in (("train", head + val), ("validation", test)):
+                datasets.Dataset.from_list(split_rows).to_parquet(str(root / "hub" / task / f"{split}.parquet"))
+        else:  # a DatasetDict saved to disk
+            source = {"path": str(_save(root / "data" / task, {"train": head + val, "validation": test}))}
         experts[task] = {"source": {"path": str(files[task]),
                                     "sha256": hashlib.sha256(files[task].read_bytes()).hexdigest()},
-                         "dataset": {"kind": "text", "path": str(root / "data" / task), "test_split": "validation",
+                         "dataset": {"kind": "text", **source, "test_split": "validation",
                                      "val_last": val_last, "prompt": task}}
     cfg = {"suite": "t5tiny", "adapter": "hf_t5", "arch": ARCH, "tokenizer": {"path": str(root / "tokenizer")},
            "base": {"source": {"path": str(files["base"])}}, "experts": experts,
@@ -270,6 +276,7 @@ def t5_run(tmp_path_factory):
         for k, v in OFFLINE.items():
             mp.setenv(k, v)
         inputs = tmp_path_factory.mktemp("inputs")
+        mp.setenv("HF_DATASETS_CACHE", str(inputs / "hf_datasets"))  # what fetch_dataset fills
         torch.set_num_threads(1)
         cfg, expected = _make_inputs(inputs)
         workdir = tmp_path_factory.mktemp("run")
@@ -281,6 +288,10 @@ def t5_run(tmp_path_factory):
 def test_t5_suite_runs_from_its_config_with_rendered_splits(t5_run):
     workdir, cfg, expected = t5_run
     root = workdir / "results" / "t5tiny"
+    # the hub dataset went through rule fetch_dataset (into the datasets cache), the other not
+    fetched = json.loads((root / "downloads" / "datasets" / "quartz.json").read_text())
+    assert {s: v["num_rows"] for s, v in fetched["splits"].items()} == {"train": 9, "validation": 5}
+    assert not (root / "downloads" / "datasets" / "ropes.json").exists()
     # the rendered splits are rule outputs, one per task and split
     for task in ("quartz", "ropes"):
         for split in ("val", "test"):
