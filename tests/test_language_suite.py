@@ -298,6 +298,8 @@ def test_t5_suite_runs_from_its_config_with_rendered_splits(t5_run):
             meta = json.loads((root / "evaldata" / task / f"{split}.json").read_text())
             assert meta["expert"] == task and meta["split"] == split and meta["prompt"]["task"] == task
             assert meta["prompt"]["source"]["tag"] == "v0.2.3"
+            prov = json.loads((root / "evaldata" / task / f"{split}.jsonl.json").read_text())
+            assert json.dumps(meta["prompt"]["sha256"]) in json.dumps(prov)  # the template file, by hash
     rows = [json.loads(line) for line in (root / "evaldata" / "quartz" / "val.jsonl").read_text().splitlines()]
     assert len(rows) == 4  # val_last rows of train: rows 5..8
     assert rows[0]["template"] == "use_info_from_question_paragraph"
@@ -346,3 +348,23 @@ def test_prefetch_makes_the_calls_of_the_text_evaluation(dataset, tmp_path, monk
         expected = 5 if split == "val" or "test_last" in dataset else 12
         assert len(open_text_split(dcfg, split, expert="e")) == expected
     assert set(calls) == fetched
+
+
+def test_stage_writes_rendered_split_sidecar_and_provenance(tmp_path):
+    from submerge.stages.evaldata import eval_data_file, needs_rendered_text, render_eval_text
+
+    path = _save(tmp_path / "d", {"train": [quartz_row(i) for i in range(6)],
+                                  "validation": [quartz_row(100 + i) for i in range(3)]})
+    suite = _suite(path, test_split="validation", val_last=2)
+    entry = suite["experts"]["quartz"]
+    assert needs_rendered_text(entry) and not needs_rendered_text({"dataset": {"kind": "text", "hub": "x"}})
+    out = Path(eval_data_file(str(tmp_path / "results"), "quartz", entry, "test"))
+    assert out == tmp_path / "results" / "evaldata" / "quartz" / "test.jsonl"
+    render_eval_text(suite, "quartz", "test", out)
+    assert read_rendered_meta(out)["n"] == 3
+    prov = json.loads(out.with_name("test.jsonl.json").read_text())
+    template_sha = hashlib.sha256((PROMPTS_DIR / "quartz.yaml").read_bytes()).hexdigest()
+    assert template_sha in json.dumps(prov) and hashlib.sha256(out.read_bytes()).hexdigest() in json.dumps(prov)
+    with pytest.raises(ConfigError, match="no text dataset block with a prompt"):
+        render_eval_text({"experts": {"quartz": {"dataset": {"kind": "text", "path": str(path)}}}}, "quartz",
+                         "test", out)

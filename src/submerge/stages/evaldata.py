@@ -67,8 +67,13 @@ def render_eval_text(suite_view: Mapping, expert: str, split: str, out: str | Pa
     if expert in experts and not needs_rendered_text(experts[expert]):
         raise ConfigError(f"eval_text: expert {expert!r} has no text dataset block with a prompt "
                           "(dataset.prompt); only those get rendered splits")
+    from submerge.data.prompts import load_prompts
+    from submerge.stages.common import record_provenance
+
     rows, meta = render_split(suite_view, expert, split)
     save_rendered(out, rows, meta)
+    # the provenance sidecar ({split}.jsonl.json) reaches the template file by its hash
+    record_provenance([out], [load_prompts(experts[expert]["dataset"]["prompt"]).file])
     log.info("%s: %d %s examples of %s rendered", out, meta["n"], split, expert)
 
 
