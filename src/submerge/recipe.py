@@ -584,6 +584,10 @@ def _check_downloaded_expert(cfg: Mapping, name: str, spec: Mapping) -> None:
     if (dataset.get("hub") is None) == (dataset.get("path") is None):
         raise ConfigError(f"{where}.dataset: give exactly one of 'hub' and 'path'")
     if dataset.get("kind", "image") == "text":
+        if dataset.get("prompt") is not None:  # the template file exists and is well formed
+            from submerge.data.prompts import load_prompts
+
+            load_prompts(dataset["prompt"], f"{where}.dataset.prompt")
         return  # scored by the language model itself: no head
     head = spec.get("head")
     if not isinstance(head, Mapping) or not ("source" in head or head.get("zeroshot")):

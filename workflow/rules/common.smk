@@ -15,7 +15,7 @@ from submerge.fingerprint import script_fingerprint
 from submerge.io.atomic import clean_stale_temporaries
 from submerge.recipe import check_schema, parse_config
 from submerge.stages import fetch as FETCH
-from submerge.stages.evaldata import needs_eval_data
+from submerge.stages.evaldata import eval_data_file
 
 try:  # one line naming the config field at fault, before any job
     check_schema(
@@ -235,13 +235,14 @@ def selection_grid_params(wildcards):
 
 
 def eval_data_files(experts, splits=("val", "test")):
-    """rule eval_data's files of the image-dataset experts among ``experts``."""
-    return [
-        f"{R}/evaldata/{e}/{s}.safetensors"
+    """rule eval_data's files of the image-dataset experts among ``experts``, and rule
+    eval_text's of the text experts with a template file."""
+    files = [
+        eval_data_file(R, e, RECIPE.suite.experts[e], s)
         for e in experts
-        if needs_eval_data(RECIPE.suite.experts[e])
         for s in splits
     ]
+    return [f for f in files if f is not None]
 
 
 def eval_data_max_examples(wildcards):

@@ -9,9 +9,15 @@ with ``eval.max_{split}_examples`` sees, in its order; the sidecar ``{split}.jso
 file's sha256 (:func:`submerge.data.vision.prepare_split`, :func:`~submerge.data.vision.
 save_prepared`). Accuracies from these files equal those from the datasets bit for bit.
 
-Only experts with an image ``dataset`` block get files (:func:`needs_eval_data`): digits
-tasks build their data in memory, and text tasks tokenise at scoring time. This module
-imports nothing heavy at module level, so the workflow files can import it.
+Only experts with an image ``dataset`` block get these files (:func:`needs_eval_data`): digits
+tasks build their data in memory. Text tasks whose dataset block names a template file
+(``dataset.prompt``, :func:`needs_rendered_text`) get their rendered splits instead (``rule
+eval_text``, :func:`render_eval_text`): ``results/{suite}/evaldata/{expert}/{split}.jsonl`` (one
+row per example: input, answer choices and label, or reference answers; the whole split, the
+``max_examples`` subset is drawn at evaluation) and its sidecar ``{split}.json``
+(:func:`submerge.data.language.save_rendered`); they are tokenised at scoring time by the adapter.
+:func:`eval_data_file` names the file of either kind. This module imports nothing heavy at
+module level, so the workflow files can import it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,45 @@ def needs_eval_data(entry: Mapping) -> bool:
     ``dataset`` block of image kind."""
     dataset = entry.get("dataset") if isinstance(entry, Mapping) else None
     return isinstance(dataset, Mapping) and dataset.get("kind", "image") == "image"
+
+
+def needs_rendered_text(entry: Mapping) -> bool:
+    """Whether an expert entry of the config gets rendered text splits (rule eval_text): a text
+    ``dataset`` block with a ``prompt`` (template file)."""
+    dataset = entry.get("dataset") if isinstance(entry, Mapping) else None
+    return isinstance(dataset, Mapping) and dataset.get("kind") == "text" and dataset.get("prompt") is not None
+
+
+def eval_data_file(root: str, expert: str, entry: Mapping, split: str) -> str | None:
+    """The prepared evaluation file of ``expert``'s ``split`` (rule eval_data for an image task,
+    rule eval_text for a text task with a template file), or None when it has none."""
+    if needs_eval_data(entry):
+        return f"{root}/evaldata/{expert}/{split}.safetensors"
+    if needs_rendered_text(entry):
+        return f"{root}/evaldata/{expert}/{split}.jsonl"
+    return None
+
+
+def render_eval_text(suite_view: Mapping, expert: str, split: str, out: str | Path) -> None:
+    """Render ``split`` of a text expert's dataset with its task's templates and write ``out``
+    (JSON lines) and its sidecar atomically."""
+    from submerge.data.language import render_split, save_rendered
+    from submerge.errors import ConfigError
+
+    if split not in SPLITS:
+        raise ConfigError(f"eval_text: unknown split {split!r}; expected one of {SPLITS}")
+    experts = suite_view.get("experts") or {}
+    if expert in experts and not needs_rendered_text(experts[expert]):
+        raise ConfigError(f"eval_text: expert {expert!r} has no text dataset block with a prompt "
+                          "(dataset.prompt); only those get rendered splits")
+    from submerge.data.prompts import load_prompts
+    from submerge.stages.common import record_provenance
+
+    rows, meta = render_split(suite_view, expert, split)
+    save_rendered(out, rows, meta)
+    # the provenance sidecar ({split}.jsonl.json) reaches the template file by its hash
+    record_provenance([out], [load_prompts(experts[expert]["dataset"]["prompt"]).file])
+    log.info("%s: %d %s examples of %s rendered", out, meta["n"], split, expert)
 
 
 def eval_data_path(root: str | Path, expert: str, split: str) -> Path:
@@ -65,11 +110,12 @@ def attach_eval_data(tasks: Sequence, paths: Iterable[str | Path]) -> None:
     dataset or preprocessing raises CheckpointError (:meth:`submerge.data.vision.VisionTask.
     use_prepared`).
     """
+    from submerge.data.language import read_rendered_meta
     from submerge.data.vision import read_prepared_meta
 
     by_name = {task.name: task for task in tasks}
     for path in paths:
-        meta = read_prepared_meta(path)
+        meta = read_rendered_meta(path) if Path(path).suffix == ".jsonl" else read_prepared_meta(path)
         task = by_name.get(meta["expert"])
         if task is None:
             continue

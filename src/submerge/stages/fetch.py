@@ -9,7 +9,8 @@ download into the caches that job reads:
   :func:`~submerge.stages.common.load_source` makes later (which then finds the file there,
   also in offline mode);
 * hub datasets: the ``datasets.load_dataset`` calls of :func:`submerge.data.vision.load_named_split`
-  for the splits the evaluation opens (``test_split``, and ``val_split`` or ``train_split``),
+  (text: :func:`submerge.data.language.load_text_split`, which passes ``data_dir``) for the
+  splits the evaluation opens (``test_split``, and ``val_split`` or ``train_split``),
   into the Hugging Face datasets cache (``HF_DATASETS_CACHE`` / ``HF_HOME``); ``path:`` datasets
   need nothing;
 * a hub tokenizer (suite ``tokenizer: {hub: ...}``): :func:`submerge.models.load_tokenizer`,
@@ -221,10 +222,11 @@ def _dataset_cfg(dataset: Mapping, expert: str) -> dict:
 
 
 def _split_fields(dcfg: Mapping) -> list[str]:
-    """The ``*_split`` fields :func:`submerge.data.vision.open_split` opens for "val" and
-    "test", each once."""
+    """The ``*_split`` fields :func:`submerge.data.vision.open_split` (and, for text, :func:`submerge.
+    data.language.open_text_split`) opens for "val" and "test", each once."""
     fields, names = [], set()
-    for field in ("val_split" if dcfg.get("val_split") else "train_split", "test_split"):
+    val_field = "val_split" if dcfg.get("val_split") and dcfg.get("val_last") is None else "train_split"
+    for field in (val_field, "test_split"):
         if dcfg[field] not in names:
             fields.append(field)
             names.add(dcfg[field])
@@ -241,6 +243,8 @@ def prefetch_dataset(dataset: Mapping, out: PathLike, *, expert: str = "dataset"
     from submerge.io.jsonio import write_json
 
     dcfg = _dataset_cfg(dataset, expert)
+    if dcfg.get("kind") == "text":  # the same call as the text evaluation (data_dir)
+        from submerge.data.language import load_text_split as load_named_split
     record = {"expert": expert, **{k: dcfg[k] for k in ("hub", "config_name", "revision", "path")},
               "splits": {}}
     if dcfg.get("path"):
