@@ -68,3 +68,27 @@ def test_results_cache_keys_and_entries(tmp_path):
     assert cache.get(key) is None
     with pytest.raises(ValueError):
         result_key({**what, "alpha": float("nan")})
+
+
+def test_a_points_cache_key_follows_the_content_of_its_prepared_evaluation_data(tmp_path):
+    from submerge.recipe import GridPoint, parse_config
+    from submerge.stages.evaluate import Sweep
+    from workflow_utils import load_tiny
+
+    recipe = parse_config(load_tiny())
+    files = {}
+    for name in ("base", "merged", "head_rot90", "head_parity", "val_rot90"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+
+    def key():
+        sweep = Sweep(recipe.suite, ["rot90", "parity"], recipe.methods["ta"], "g2", files["base"],
+                      files["merged"], [files["head_rot90"], files["head_parity"]], recipe.eval,
+                      tmp_path / "cache", [files["val_rot90"]])
+        return sweep._what(GridPoint(0.5, None), "val")
+
+    before = key()
+    assert key() == before
+    files["val_rot90"].write_bytes(b"other images")
+    after = key()
+    assert after != before and {k for k in before if before[k] != after[k]} == {"eval_data"}

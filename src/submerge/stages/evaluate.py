@@ -46,6 +46,8 @@ class Sweep:
             "boost": None if method.boost is None else method.boost.to_params(),
             "code": code_fingerprint(__name__),
         }
+        if self.eval_data:  # prepared evaluation data (rule eval_data / eval_text): its content
+            self.identity["eval_data"] = sorted(sha256_file(p) for p in self.eval_data)
         self.evaluated = 0  # points computed in this job (not served from the cache)
         self._code = None
         self._loaded = None
