@@ -4,6 +4,10 @@
 
 The workflow profile (profiles/default/config.yaml) sizes the rules for ViT-L/14 x 20 experts
 by scaling these numbers with the parameter count (see the notes it writes).
+
+Memory needs a run with `--config warm_worker=False`: with the warm worker (local runs'
+default, submerge.worker) a job computes in a fork of the worker, which Snakemake's benchmark
+does not see, so its max_rss is only that of the job's waiting process (wall times stay right).
 """
 
 from __future__ import annotations
