@@ -61,6 +61,7 @@ def overview_files(root: str) -> tuple[str, str, str]:
 
 # ------------------------------------------------------------------------------- captions
 
+TITLE_MAX = 120
 _JINJA = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
 _RST = re.compile(r"``(.*?)``|\*\*(.*?)\*\*|\*(.*?)\*")
 
@@ -68,19 +69,25 @@ _RST = re.compile(r"``(.*?)``|\*\*(.*?)\*\*|\*(.*?)\*")
 def caption_title(text: str) -> str:
     """The title of a caption (``workflow/report/<name>.rst``): its text up to the first colon
     or full stop outside brackets (Jinja and rst inline markup removed), e.g. "Main results
-    (paper Table 1 shape)"."""
+    (paper Table 1 shape)"; a longer one without its bracketed parts, then cut at a word to at
+    most :data:`TITLE_MAX` characters."""
     text = _JINJA.sub("", text)
     text = _RST.sub(lambda m: next(g for g in m.groups() if g is not None), text)
     text = " ".join(text.split())
-    depth = 0
+    depth, title = 0, text
     for i, ch in enumerate(text):
         if ch in "([":
             depth += 1
         elif ch in ")]":
             depth = max(0, depth - 1)
         elif depth == 0 and (ch == ":" or ch == "." and (i + 1 == len(text) or text[i + 1] == " ")):
-            return text[:i].strip()
-    return text.strip()
+            title = text[:i]
+            break
+    if len(title) > TITLE_MAX:  # a long first sentence: without its brackets, then cut
+        title = re.sub(r"\s*\([^()]*\)", "", title)
+    if len(title) > TITLE_MAX:
+        title = title[: title.rfind(" ", 0, TITLE_MAX - 1)] + " …"
+    return title.strip()
 
 
 # ------------------------------------------------------------------------------ overview
