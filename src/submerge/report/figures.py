@@ -654,8 +654,8 @@ def subspace_importance(
                        label=f"threshold {threshold:g}")
     ax_line.set_yscale("log")
     ax_line.set_ylabel("generalised\nsingular value")
-    ax_line.set_title("per shared direction")
-    ax_line.legend(loc="upper right", fontsize=7, ncols=2)
+    ax_line.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=4, fontsize=7.5,
+                   borderaxespad=0.2)  # above the values: none is hidden
     finite = positive[np.isfinite(positive)]
     norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
     ax_heat.grid(False)

@@ -192,16 +192,16 @@ def overview_html(recipe, root: str, main_table: str, captions: Mapping[str, str
         f"{len(recipe.methods)} methods ({n_boosted} with Subspace Boosting). The navigation "
         "on the left lists every table and figure; each opens with its description and the "
         "job that made it.</p>",
+        f"<h2>{escape(main_title)}</h2>",
+        main_table,
+        f'<p>(<a href="{_link_item(f"{root}/{registry.TABLES_DIR}/{MAIN_TABLE}.html")}">'
+        "its full description</a>; — = no result.)</p>",
         "<h2>What was merged</h2>",
         '<table class="submerge-table submerge-list"><thead><tr><th class="index">group</th><th>N</th>'
         "<th>experts</th></tr></thead><tbody>" + groups + "</tbody></table>",
         '<table class="submerge-table submerge-list"><thead><tr><th class="index">method</th><th>name</th>'
         "<th>merge</th><th>α grid</th><th>β grid</th><th>groups</th></tr></thead><tbody>"
         + "".join(_method_rows(recipe)) + "</tbody></table>",
-        f"<h2>{escape(main_title)}</h2>",
-        main_table,
-        f'<p>(<a href="{_link_item(f"{root}/{registry.TABLES_DIR}/{MAIN_TABLE}.html")}">'
-        "its full description</a>; — = no result.)</p>",
         "<h2>Sections of this report</h2>",
         *_sections(root, captions, config_path),
         "</div>",
