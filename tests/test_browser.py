@@ -78,7 +78,7 @@ def built(tmp_path_factory):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dest)
     config = write_config(workdir, report_config(METHODS, GROUPS))
-    targets = [*registry.target_files(R), *landing.overview_files(R)]
+    targets = landing.target_files(R)
     snakemake(workdir, config, "--allowed-rules", *REPORT_RULES, "--", *targets, timeout=600)
     report = workdir / "report.html"
     snakemake(workdir, config, "--report", str(report), "--", *targets, timeout=600)

@@ -1,9 +1,12 @@
 # Stage 6: summaries of the spectra and HO-GSVD caches (torch), then every table (CSV + Markdown
-# + LaTeX) and figure (PDF + PNG) of the report with a JSON provenance sidecar each (no torch);
-# `snakemake --report` collects them into one HTML file with the captions of workflow/report/.
+# + LaTeX + HTML) and figure (PDF + PNG) of the report with a JSON provenance sidecar each (no
+# torch), and the report's landing page; `snakemake --report` collects them into one HTML file
+# with the captions of workflow/report/ (tables shown as HTML, figures as PNG).
 # The tables and figures, their inputs and files are those of submerge.report.registry (the
 # one list; the rules, the jobs and the captions all read it). Every input here is known when
 # the DAG is built: plain lists, no input functions.
+import functools
+
 from submerge.report import landing as LANDING
 from submerge.report import registry as REPORT
 
@@ -19,12 +22,9 @@ REPORT_INPUTS = {
     "hogsvd_summary": [f"{SUMMARIES}/hogsvd_summary.json"],
 }
 OVERVIEW, OVERVIEW_CONFIG, OVERVIEW_SIDECAR = LANDING.overview_files(R)
-
-
 # every table and figure file, the landing page and the attached config (all_targets() in
 # common.smk)
-def report_targets():
-    return [*REPORT.target_files(R), OVERVIEW, OVERVIEW_CONFIG, OVERVIEW_SIDECAR]
+report_targets = functools.partial(LANDING.target_files, R)
 
 
 rule spectra_summary:

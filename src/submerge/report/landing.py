@@ -59,6 +59,12 @@ def overview_files(root: str) -> tuple[str, str, str]:
     return f"{d}/{OVERVIEW}", f"{d}/{CONFIG}", f"{d}/{OVERVIEW}{SIDECAR_SUFFIX}"
 
 
+def target_files(root: str) -> list[str]:
+    """Every file of the report rules under ``root``: the tables and figures of the registry,
+    then the overview, the config and their sidecar."""
+    return [*registry.target_files(root), *overview_files(root)]
+
+
 # ------------------------------------------------------------------------------- captions
 
 TITLE_MAX = 120
