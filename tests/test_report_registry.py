@@ -5,14 +5,16 @@ them) write exactly the declared files without importing torch."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from report_utils import report_config, report_inputs
+from report_utils import report_config
 from submerge.report import build, provenance, registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +106,64 @@ EXPERT = {"a": 0.9, "b": 0.8, "c": 0.7}
 
 
 def _inputs(root: Path, with_selection: bool) -> dict[str, list[str]]:
-    return report_inputs(root, METHODS, GROUPS, EXPERT, with_selection=with_selection)
+    rng = np.random.default_rng(0)
+    rows = []
+    for g, tasks in GROUPS.items():
+        for m in METHODS:
+            betas = [0.0, 0.01] if "boost" in METHODS[m] else [math.nan]
+            for a in (0.5, 1.0):
+                for b in betas:
+                    chosen = a == 0.5 and (math.isnan(b) or b == 0.0)  # the test point
+                    for split in ("val", "test") if chosen else ("val",):
+                        for t in tasks:
+                            rows.append(dict(suite="s", group=g, n_experts=len(tasks), method=m,
+                                             alpha=a, beta=b, split=split, task=t,
+                                             accuracy=float(rng.uniform(0.3, 0.7)),
+                                             expert_accuracy=EXPERT[t], zeroshot_accuracy=0.2))
+    files: dict[str, list[str]] = {}
+    scores = root / "scores.csv"
+    pd.DataFrame(rows).to_csv(scores, index=False, float_format="%.6g")
+    files["scores"] = [str(scores)]
+    files["selection"] = []
+    if with_selection:
+        sel = root / "selection.csv"
+        pd.DataFrame([dict(setting=s, draw=d, split="test", task=t, task_set=ts, accuracy=0.5 + 0.01 * d)
+                      for s, draws in (("random", (0, 1)), ("hogsvd", (0,)))
+                      for d in draws for t, ts in (("a", "pool"), ("c", "ext"))]).to_csv(sel, index=False)
+        files["selection"] = [str(sel)]
+    files["benchmarks"] = []
+    for g in GROUPS:
+        for m in METHODS:
+            path = root / "benchmarks" / g / f"{m}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("s\th:m:s\tmax_rss\n1.25\t0:00:01\t100.0\n")
+            files["benchmarks"].append(str(path))
+    summary, sigma = [], []
+    for g, tasks in GROUPS.items():
+        for m in ("ta", "ta_sb"):
+            for kind in ("attn", "mlp"):
+                s = np.sort(rng.gamma(1.0, 1.0, 12))[::-1] * len(tasks)
+                key = f"blocks.0.{kind}.weight"
+                summary.append(dict(group=g, n_experts=len(tasks), method=m, boosted=m == "ta_sb",
+                                    key=key, block=0, kind=kind, stable_rank=float((s**2).sum() / s[0]**2),
+                                    energy_rank=5))
+                for state in {m == "ta_sb", False}:
+                    sigma += [dict(group=g, n_experts=len(tasks), method=m, boosted=state, kind=kind,
+                                   key=key, index=i, sigma=float(v)) for i, v in enumerate(s)]
+    for name, frame in (("spectra_summary", summary), ("singular_values", sigma)):
+        path = root / f"{name}.csv"
+        pd.DataFrame(frame).to_csv(path, index=False)
+        files[name] = [str(path)]
+    hog = root / "hogsvd_summary.json"
+    n = len(GROUPS["g3"])
+    hog.write_text(json.dumps({
+        "group": "g3", "experts": GROUPS["g3"],
+        "alignment": {k: rng.uniform(0, 1, (n, n)).tolist() for k in ("attn", "mlp", "mean")},
+        "importance": {"key": "blocks.0.attn.out_proj.weight", "row_block": 0,
+                       "sigma": np.exp(rng.normal(0, 1, (n, 16))).tolist(),
+                       "merged": np.exp(rng.normal(0, 1, 16)).tolist()}}))
+    files["hogsvd_summary"] = [str(hog)]
+    return files
 
 
 # Runs scripts/<kind>.py as Snakemake's `script:` does (a `snakemake` object in its globals).
