@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make run   set up .venv and run the default pipeline (embedded `digits` suite, CPU, minutes)
-#   make test  set up .venv, start the local SLURM test cluster, run the tests
+#   make test  set up .venv, start the local SLURM test cluster, install headless chromium, run the tests
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +25,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash tests/slurm/cluster.sh up || echo "!!! local SLURM cluster could not be started: the SLURM integration test will say why it skips"
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
+	bash tests/browser/setup.sh >/dev/null || echo "!!! headless chromium could not be installed: the browser test will fail and say why"
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH SUBMERGE_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint --configfile config/config.yaml

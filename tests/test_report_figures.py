@@ -190,3 +190,82 @@ def test_subspace_importance(tmp_path):
     with pytest.raises(ValueError, match="merged has"):
         F.subspace_importance({**summary, "importance": {**imp, "merged": [1.0, 1.0, 1.0]}},
                               RECIPE, tmp_path / "x")
+
+
+# ------------------------------------------------------------- every drawn element readable
+
+
+def _figure_of(fn, monkeypatch, tmp_path, *args, **kwargs):
+    """The matplotlib Figure that ``fn`` saves (rendered as usual, then returned)."""
+    saved = []
+    real = F.save_figure
+
+    def keep(fig, stem):
+        saved.append(fig)
+        return real(fig, stem)
+
+    monkeypatch.setattr(F, "save_figure", keep)
+    _check_rendered(fn(*args, tmp_path / "fig", **kwargs))
+    return saved[0]
+
+
+def test_alpha_beta_heatmap_draws_only_the_pairs_with_scores(tmp_path, scores, monkeypatch):
+    """A boosted method configured for some groups only: no empty panel (the default digits
+    config had 8 of 20), one heatmap per (method, group) with validation scores."""
+    methods = {**METHODS, "ties_sb": {"merge": "ties", "boost": {}, "groups": ["n4"]}}
+    recipe = make_recipe(methods, GROUPS)
+    extra = scores.loc[(scores["method"] == "ta_sb") & (scores["group"] == "n4")].assign(
+        method="ties_sb")
+    frame = pd.concat([scores, extra], ignore_index=True)
+    fig = _figure_of(F.alpha_beta_heatmap, monkeypatch, tmp_path, frame, recipe)
+    panels = [ax for ax in fig.axes if ax.images]
+    titles = sorted(ax.get_title() for ax in panels)
+    assert titles == ["TA + SB · n2", "TA + SB · n4", "TIES + SB · n4"]
+    # every axes is a panel or its colour bar; none is empty or switched off
+    assert all(ax.images or ax.get_label() == "<colorbar>" for ax in fig.axes)
+    for ax in panels:
+        (image,) = ax.images
+        assert np.isfinite(image.get_array()).all()
+
+
+def test_rank_collapse_separates_equal_curves(tmp_path, spectra_frames, monkeypatch):
+    """Boosted methods at the same rank (the digits suite: full rank after boosting): their
+    points are drawn side by side, each method with its own marker, and a note names them."""
+    summary, _ = spectra_frames
+    boosted = summary.loc[summary["boosted"]].copy()
+    boosted["stable_rank"] = 16.0  # every boosted curve at the same stable rank
+    summary = pd.concat([summary.loc[~summary["boosted"]], boosted], ignore_index=True)
+    summary.loc[summary["boosted"], "method"] = summary.loc[summary["boosted"], "method"] + "_sb"
+    methods = {**METHODS, "ties_sb": {"merge": "ties", "boost": {}}}
+    recipe = make_recipe(methods, GROUPS)
+    fig = _figure_of(F.rank_collapse, monkeypatch, tmp_path, summary, recipe, kinds=("attn",))
+    ax = fig.axes[0]  # stable rank, attention
+    top = [ln for ln in ax.get_lines() if np.allclose(ln.get_ydata(), 16.0)]
+    assert len(top) == 2
+    xs = [np.asarray(ln.get_xdata(), dtype=float) for ln in top]
+    assert np.all(np.abs(xs[0] - xs[1]) > 0.1)  # not on top of each other
+    assert top[0].get_marker() != top[1].get_marker()
+    note = fig.get_supxlabel()
+    assert "TA + SB" in note and "TIES + SB" in note and "stable rank" in note
+    # curves that differ are named nowhere
+    assert F._coinciding({"a": pd.DataFrame({"n_experts": [2, 4], "v": [1.0, 2.0]}),
+                          "b": pd.DataFrame({"n_experts": [2, 4], "v": [1.0, 2.5]}),
+                          "c": pd.DataFrame({"n_experts": [4], "v": [2.0]})}, "v") == [["a", "c"]]
+
+
+def test_subspace_importance_twenty_experts_is_a_heatmap(tmp_path, monkeypatch):
+    """Twenty experts: one heatmap row per expert (log colours) instead of twenty lines, and
+    the experts' median and quartiles as the only per-expert curves."""
+    rng = np.random.default_rng(3)
+    names = [f"task{i}" for i in range(20)]
+    sig = np.exp(rng.normal(0, 1, (20, 30)))
+    summary = {"group": "n20", "experts": names,
+               "importance": {"sigma": sig.tolist(), "merged": (sig.mean(0) / 4).tolist()}}
+    fig = _figure_of(F.subspace_importance, monkeypatch, tmp_path, summary, RECIPE)
+    (heat,) = [ax for ax in fig.axes if ax.images]
+    np.testing.assert_allclose(heat.images[0].get_array(), sig)
+    assert [t.get_text() for t in heat.get_yticklabels()] == names
+    (top,) = [ax for ax in fig.axes if ax.get_legend() is not None]
+    medians = [ln for ln in top.get_lines() if ln.get_label() == "experts: median"]
+    np.testing.assert_allclose(medians[0].get_ydata(), np.median(sig, axis=0))
+    assert len(top.get_lines()) <= 3  # median, merged, threshold

@@ -42,8 +42,11 @@ def test_every_entry_has_function_inputs_caption_and_files():
         assert callable(e.function()), e.name
         assert e.inputs and all(i in registry.INPUTS for i in e.inputs), e.name
         assert (CAPTIONS / e.rst).is_file(), f"no caption {e.rst}"
-    # no caption without an entry
-    assert sorted(p.name for p in CAPTIONS.glob("*.rst")) == sorted(e.rst for e in entries)
+    # no caption without an entry (besides the landing page's: workflow.rst, the overview's
+    # and the attached config's)
+    landing = ["workflow.rst", "overview.rst", "config.rst"]
+    assert sorted(p.name for p in CAPTIONS.glob("*.rst")) == sorted([e.rst for e in entries]
+                                                                      + landing)
     assert set(build.LOADERS) == set(registry.INPUTS)
     # report.smk maps every input to its files
     smk = (ROOT / "workflow" / "rules" / "report.smk").read_text()
@@ -51,10 +54,12 @@ def test_every_entry_has_function_inputs_caption_and_files():
         assert f'"{name}":' in smk, name
     t = registry.TABLES["main_results"]
     assert t.files == ("main_results.csv", "main_results.md", "main_results.tex",
-                       "main_results.csv.json")
+                       "main_results.html", "main_results.csv.json")
+    assert t.report_file == "main_results.html"
     assert provenance.sidecar_path("main_results.csv").name == t.files[-1]
     f = registry.FIGURES["rank_collapse"]
     assert f.files == ("rank_collapse.png", "rank_collapse.pdf", "rank_collapse.pdf.json")
+    assert f.report_file == "rank_collapse.png"
     with pytest.raises(ValueError, match="twice"):
         registry._table("main_results", "main_results", ("scores",), "")
     with pytest.raises(ValueError, match="unknown inputs"):
@@ -70,7 +75,9 @@ def test_rule_files_come_from_the_registry():
 
     outputs = registry.rule_outputs(registry.TABLES, "r/tables", report)
     assert outputs == [f"r/tables/{f}" for t in registry.TABLES.values() for f in t.files]
-    assert flagged[0] == ("r/tables/main_results.csv",
+    # every table is in the report as HTML (rendered inline), not as a CSV to download
+    assert [p for p, _ in flagged] == [f"r/tables/{t}.html" for t in registry.TABLES]
+    assert flagged[0] == ("r/tables/main_results.html",
                           {"caption": "../report/main_results.rst", "category": "Tables",
                            "labels": {"table": "main_results"}})
     assert len(flagged) == len(registry.TABLES)

@@ -5,6 +5,7 @@ and the writer's three formats."""
 from __future__ import annotations
 
 import csv
+from html.parser import HTMLParser
 import math
 import statistics
 import zlib
@@ -413,7 +414,7 @@ def test_format_cell():
 def test_write_table_formats(tmp_path, scores):
     table = T.main_results(scores, RECIPE)
     paths = T.write_table(table, tmp_path / "main", caption="Main results (%)", label="tab:main")
-    assert [p.name for p in paths] == ["main.csv", "main.md", "main.tex"]
+    assert [p.name for p in paths] == ["main.csv", "main.md", "main.tex", "main.html"]
     tex = paths[2].read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1
@@ -436,6 +437,57 @@ def test_write_table_formats(tmp_path, scores):
     first = [p.read_bytes() for p in paths]
     T.write_table(table, tmp_path / "main", caption="Main results (%)", label="tab:main")
     assert [p.read_bytes() for p in paths] == first
+
+
+class _Cells(HTMLParser):
+    """The rows of an HTML table: each a list of (tag, text, colspan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.tables, self._cell = [], 0, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables += 1
+        elif tag == "tr":
+            self.rows.append([])
+        elif tag in ("th", "td"):
+            self._cell = [tag, "", int(dict(attrs).get("colspan", 1))]
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td") and self._cell is not None:
+            self.rows[-1].append(tuple(self._cell))
+            self._cell = None
+
+
+def test_html_table_has_the_markdown_cells(tmp_path, scores):
+    """The report's HTML table: one table, a header row per column level (the group spanning
+    its four columns), then the same cells as the Markdown table, escaped."""
+    table = T.main_results(scores, RECIPE)
+    paths = T.write_table(table, tmp_path / "main", caption="Main results <%>")
+    html = paths[3].read_text()
+    assert "<script" not in html and "Main results &lt;%&gt;" in html
+    parsed = _Cells()
+    parsed.feed(html)
+    assert parsed.tables == 1
+    top, leaf, *body = parsed.rows
+    assert [(t, c) for t, _, c in top] == [("th", 1)] + [("th", 4)] * 2  # small, big
+    assert [text for _, text, _ in top[1:]] == ["small", "big"]
+    assert [text for _, text, _ in leaf] == ["Acc", "Norm", "ΔAcc", "ΔNorm"] * 2
+    md_rows = [[c.strip() for c in line.strip("|").split(" | ")]
+               for line in paths[1].read_text().splitlines()[4:]]
+    assert [[text for _, text, _ in row] for row in body] == md_rows
+    assert all(row[0][0] == "th" and {t for t, _, _ in row[1:]} == {"td"} for row in body)
+    # a one-level header: one row of column names; a gap is "—"
+    flat = pd.DataFrame({"acc": [1.25, math.nan]}, index=pd.Index(["x", "y"], name="k"))
+    parsed = _Cells()
+    parsed.feed(T.write_table(flat, tmp_path / "flat")[3].read_text())
+    assert parsed.rows == [[("th", "k", 1), ("th", "acc", 1)], [("th", "x", 1), ("td", "1.2", 1)],
+                           [("th", "y", 1), ("td", T.GAP, 1)]]
 
 
 def test_write_table_multiindex_rows_and_decimals(tmp_path, scores):

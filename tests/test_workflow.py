@@ -220,4 +220,5 @@ def test_code_changes_rerun_only_what_runs_them(tiny_run, tmp_path):
 # the report rules depend on everything aggregated: they rerun after any change
 REPORT_JOBS = {("spectra_summary", f"{R}/summaries/spectra_summary.csv"),
                ("tables", f"{R}/tables/main_results.csv"),
-               ("figures", f"{R}/figures/rank_collapse.png")}
+               ("figures", f"{R}/figures/rank_collapse.png"),
+               ("report_overview", f"{R}/report/overview.html")}

@@ -1,11 +1,13 @@
 # Stage 6: summaries of the spectra and HO-GSVD caches (torch), then every table (CSV + Markdown
-# + LaTeX) and figure (PDF + PNG) of the report with a JSON provenance sidecar each (no torch);
-# `snakemake --report` collects them into one HTML file with the captions of workflow/report/.
+# + LaTeX + HTML) and figure (PDF + PNG) of the report with a JSON provenance sidecar each (no
+# torch), and the report's landing page; `snakemake --report` collects them into one HTML file
+# with the captions of workflow/report/ (tables shown as HTML, figures as PNG).
 # The tables and figures, their inputs and files are those of submerge.report.registry (the
 # one list; the rules, the jobs and the captions all read it). Every input here is known when
 # the DAG is built: plain lists, no input functions.
 import functools
 
+from submerge.report import landing as LANDING
 from submerge.report import registry as REPORT
 
 SUMMARIES = f"{R}/summaries"
@@ -19,8 +21,10 @@ REPORT_INPUTS = {
     "singular_values": [f"{SUMMARIES}/singular_values.csv"],
     "hogsvd_summary": [f"{SUMMARIES}/hogsvd_summary.json"],
 }
-# every table and figure file (all_targets() in common.smk)
-report_targets = functools.partial(REPORT.target_files, R)
+OVERVIEW, OVERVIEW_CONFIG, OVERVIEW_SIDECAR = LANDING.overview_files(R)
+# every table and figure file, the landing page and the attached config (all_targets() in
+# common.smk)
+report_targets = functools.partial(LANDING.target_files, R)
 
 
 rule spectra_summary:
@@ -78,7 +82,7 @@ rule tables:
     conda:
         "../../envs/report.yaml"
     params:
-        config=result_config(),
+        config=LANDING.ConfigParam(result_config()),
         code=code("tables"),
     script:
         "../../scripts/tables.py"
@@ -96,7 +100,44 @@ rule figures:
     conda:
         "../../envs/report.yaml"
     params:
-        config=result_config(),
+        config=LANDING.ConfigParam(result_config()),
         code=code("figures"),
     script:
         "../../scripts/figures.py"
+
+
+# the landing page of `snakemake --report` (workflow/report/workflow.rst includes it): the
+# suite, what was merged, the main table and a line per table and figure; and the config,
+# attached as a file (the report's "Job parameters" name it instead of printing it)
+rule report_overview:
+    input:
+        main=f"{R}/{REPORT.TABLES_DIR}/{LANDING.MAIN_TABLE}.html",
+        captions=[
+            f"{workflow.basedir}/workflow/report/{e.rst}"
+            for e in [*REPORT.TABLES.values(), *REPORT.FIGURES.values()]
+        ],
+    output:
+        overview=report(
+            OVERVIEW,
+            caption="../report/overview.rst",
+            category=LANDING.CATEGORY,
+            labels={"file": "overview"},
+        ),
+        config=report(
+            OVERVIEW_CONFIG,
+            caption="../report/config.rst",
+            category=LANDING.CATEGORY,
+            labels={"file": "configuration"},
+        ),
+        sidecar=OVERVIEW_SIDECAR,
+    log:
+        f"logs/{SUITE}/report_overview.log",
+    benchmark:
+        f"benchmarks/{SUITE}/report_overview.tsv"
+    conda:
+        "../../envs/report.yaml"
+    params:
+        config=LANDING.ConfigParam(result_config()),
+        code=code("report_overview"),
+    script:
+        "../../scripts/report_overview.py"

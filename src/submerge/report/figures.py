@@ -29,6 +29,7 @@ import pandas as pd
 from cycler import cycler
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.colors import LogNorm
 from matplotlib.patches import Rectangle
 
 from submerge.io.atomic import atomic_path
@@ -47,6 +48,7 @@ HEATMAP_CMAP = "viridis"
 # boosting (TSV-M / Iso change the spectrum by construction and would crowd the plot; their
 # ranks are in the summary CSV)
 RANK_COLLAPSE_MERGES = ("task_arithmetic", "ties", "consensus")
+HEATMAP_COLUMNS = 4  # α × β heatmap: panels per row
 KIND_TITLES = {
     "attn": "attention",
     "mlp": "MLP",
@@ -198,30 +200,44 @@ def rank_collapse(
     order = _method_order(summary["method"], recipe.methods)
     labels = _labels(order, recipe.methods)
     colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(order)}
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(order)}
     ns = sorted(set(summary["n_experts"].astype(int)))
+    # curves that coincide (boosted methods often reach the same rank) are drawn side by side:
+    # each method's points shifted along N by its own small offset, and named in a note
+    step = 0.5 * (min(np.diff(ns)) if len(ns) > 1 else 1) / max(len(order), 1)
+    offsets = {m: (i - (len(order) - 1) / 2) * step for i, m in enumerate(order)}
     fig = Figure(figsize=(3.0 * len(kinds) + 2.2, 5.4))
     axes = fig.subplots(2, len(kinds), squeeze=False, sharex=True)
     energy = "cumulative-energy rank" + (
         f"\n({energy_frac:.0%} of the energy)" if energy_frac else ""
     )
+    coincide: dict[tuple, list[str]] = {}  # (metric, methods) -> layer kinds where equal
     for col, kind in enumerate(kinds):
         for row, (metric, ylabel) in enumerate(
             (("stable_rank", "mean stable rank"), ("energy_rank", f"mean {energy}"))
         ):
             ax = axes[row][col]
+            curves = {}
             for m in order:
                 for boosted in (False, True):
                     sel = agg.loc[
                         (agg["method"] == m) & (agg["boosted"] == boosted) & (agg["kind"] == kind)
                     ].sort_values("n_experts")
                     if len(sel):
+                        curves[(m, boosted)] = sel
                         ax.plot(
-                            sel["n_experts"],
+                            sel["n_experts"] + offsets[m],
                             sel[metric],
                             color=colors[m],
                             linestyle="--" if boosted else "-",
-                            marker="s" if boosted else "o",
+                            marker=markers[m],
+                            markerfacecolor="white" if boosted else colors[m],
+                            markeredgewidth=1.3,
+                            alpha=0.9,
                         )
+            for same in _coinciding(curves, metric):
+                key = (metric, tuple(labels[m] + (" (boosted)" if b else "") for m, b in same))
+                coincide.setdefault(key, []).append(KIND_TITLES.get(kind, kind))
             if row == 0:
                 ax.set_title(f"{KIND_TITLES.get(kind, kind)} layers")
             else:
@@ -231,9 +247,35 @@ def rank_collapse(
             ax.set_xticks(ns)
             ax.set_ylim(bottom=0)
     fig.align_ylabels(axes[:, 0])
-    handles = [Line2D([], [], color=colors[m], label=labels[m]) for m in order]
-    _outside_legend(fig, handles + _style_handles())
+    handles = [Line2D([], [], color=colors[m], marker=markers[m], label=labels[m]) for m in order]
+    style = [Line2D([], [], color="0.3", linestyle="-", marker="o", label="before boosting"),
+             Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white",
+                    label="after boosting")]
+    _outside_legend(fig, handles + style)
+    if coincide:
+        names = {"stable_rank": "stable rank", "energy_rank": "energy rank"}
+        lines = [f"{names[metric]}, {' and '.join(kinds_)} layers: {' = '.join(methods_)}"
+                 for (metric, methods_), kinds_ in coincide.items()]
+        fig.supxlabel("equal curves (points drawn side by side, shifted along N):\n"
+                      + "\n".join(lines), x=0.02, ha="left", fontsize=7.5)
     return save_figure(fig, stem)
+
+
+def _coinciding(curves: Mapping[tuple, pd.DataFrame], metric: str) -> list[list[tuple]]:
+    """Sets of two or more curves (key -> rows with n_experts and ``metric``) with the same
+    values (relative tolerance 1e-3) at every N they share, each set in the curves' order."""
+    sets: list[list[tuple]] = []
+    for key, sel in curves.items():
+        series = sel.set_index("n_experts")[metric]
+        for group in sets:
+            ref = curves[group[0]].set_index("n_experts")[metric]
+            shared = series.index.intersection(ref.index)
+            if len(shared) and np.allclose(series[shared], ref[shared], rtol=1e-3, atol=0):
+                group.append(key)
+                break
+        else:
+            sets.append([key])
+    return [g for g in sets if len(g) > 1]
 
 
 # ------------------------------------------------------------------------------- spectra
@@ -428,9 +470,11 @@ def _annotate(ax, values: np.ndarray, fmt: str, fontsize: float) -> None:
 def alpha_beta_heatmap(
     scores: pd.DataFrame, recipe: Recipe, stem: str | os.PathLike, *, metric: str = "acc"
 ) -> list[Path]:
-    """Validation accuracy (%) over the α × β grid: one panel per group (rows) and boosted
-    method (columns), β across, α down, cells annotated; the grid point chosen for test
-    is outlined. ``metric``: "acc" (absolute) or "norm" (normalised)."""
+    """Validation accuracy (%) over the α × β grid: one panel per (boosted method, group)
+    with validation scores (only those: a method configured for some groups has no empty
+    panels), in method then group order, at most :data:`HEATMAP_COLUMNS` per row; β across,
+    α down, cells annotated; the grid point chosen for test is outlined. ``metric``: "acc"
+    (absolute) or "norm" (normalised)."""
     if metric not in ("acc", "norm"):
         raise ValueError(f"alpha_beta_heatmap: metric must be 'acc' or 'norm', got {metric!r}")
     val = tables.grid_summary(scores, "val")
@@ -450,46 +494,45 @@ def alpha_beta_heatmap(
                 grids[(g, m)] = sel.pivot_table(
                     index="alpha", columns="beta", values=metric, aggfunc="first", dropna=False
                 )
+    pairs = [(g, m) for m in boosted for g in groups if (g, m) in grids]
     n_alpha = max((grid.shape[0] for grid in grids.values()), default=1)
     n_beta = max((grid.shape[1] for grid in grids.values()), default=1)
-    panel_w, panel_h = max(3.6, 0.75 * n_beta + 2.2), 0.32 * n_alpha + 1.1
-    fig = Figure(figsize=(panel_w * len(boosted), panel_h * len(groups) + 0.5))
-    axes = fig.subplots(len(groups), len(boosted), squeeze=False)
-    for r, g in enumerate(groups):
-        for c, m in enumerate(boosted):
-            ax = axes[r][c]
-            ax.grid(False)
-            if (g, m) not in grids:
-                ax.set_axis_off()
-                ax.set_title(f"{labels[m]} · {g}\n(no validation scores)")
-                continue
-            grid = grids[(g, m)]
-            values = grid.to_numpy(dtype=float)
-            im = ax.imshow(values, aspect="auto", cmap=HEATMAP_CMAP, interpolation="nearest")
-            _annotate(ax, values, ".1f", fontsize=7 if values.size > 12 else 8)
-            ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
-            ax.set_yticks(range(grid.shape[0]), [f"{a:g}" for a in grid.index])
-            ax.set_xlabel("boosting threshold β")
-            ax.set_ylabel("scaling coefficient α")
-            ax.set_title(f"{labels[m]} · {g}")
-            chosen = test.loc[(test["group"] == g) & (test["method"] == m)]
-            if len(chosen):
-                a, b = float(chosen["alpha"].iloc[0]), float(chosen["beta"].iloc[0])
-                ia = np.flatnonzero(np.isclose(grid.index.to_numpy(dtype=float), a))
-                ib = np.flatnonzero(np.isclose(grid.columns.to_numpy(dtype=float), b))
-                if ia.size and ib.size:
-                    ax.add_patch(
-                        Rectangle(
-                            (ib[0] - 0.5, ia[0] - 0.5),
-                            1,
-                            1,
-                            fill=False,
-                            edgecolor="#D55E00",
-                            linewidth=2.2,
-                        )
+    panel_w, panel_h = max(3.6, 0.75 * n_beta + 2.2), 0.32 * n_alpha + 1.3
+    ncols = min(len(pairs), HEATMAP_COLUMNS)
+    nrows = math.ceil(len(pairs) / ncols)
+    fig = Figure(figsize=(panel_w * ncols, panel_h * nrows + 0.6))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.remove()
+    for ax, (g, m) in zip(axes.flat, pairs):
+        ax.grid(False)
+        grid = grids[(g, m)]
+        values = grid.to_numpy(dtype=float)
+        im = ax.imshow(values, aspect="auto", cmap=HEATMAP_CMAP, interpolation="nearest")
+        _annotate(ax, values, ".1f", fontsize=7 if values.size > 12 else 8)
+        ax.set_xticks(range(grid.shape[1]), [f"{b:g}" for b in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{a:g}" for a in grid.index])
+        ax.set_xlabel("boosting threshold β")
+        ax.set_ylabel("scaling coefficient α")
+        ax.set_title(f"{labels[m]} · {g}")
+        chosen = test.loc[(test["group"] == g) & (test["method"] == m)]
+        if len(chosen):
+            a, b = float(chosen["alpha"].iloc[0]), float(chosen["beta"].iloc[0])
+            ia = np.flatnonzero(np.isclose(grid.index.to_numpy(dtype=float), a))
+            ib = np.flatnonzero(np.isclose(grid.columns.to_numpy(dtype=float), b))
+            if ia.size and ib.size:
+                ax.add_patch(
+                    Rectangle(
+                        (ib[0] - 0.5, ia[0] - 0.5),
+                        1,
+                        1,
+                        fill=False,
+                        edgecolor="#D55E00",
+                        linewidth=2.2,
                     )
-            cbar = fig.colorbar(im, ax=ax, shrink=0.9)
-            cbar.set_label(f"val {'normalised ' if metric == 'norm' else ''}accuracy (%)")
+                )
+        cbar = fig.colorbar(im, ax=ax, shrink=0.9)
+        cbar.set_label(f"val {'normalised ' if metric == 'norm' else ''}accuracy (%)")
     fig.suptitle("validation accuracy over the α × β grid\n(outlined: point chosen for test)")
     return save_figure(fig, stem)
 
@@ -558,8 +601,10 @@ def subspace_importance(
     ``hogsvd["importance"]["sigma"]``, N × M, in the shared HO-GSVD basis order of one
     matrix) and, if given, of the merged task vector (``...["merged"]``, M values); experts
     ``hogsvd["experts"]`` (the HO-GSVD summary, :func:`submerge.stages.report.hogsvd_summary`).
-    Left: values against the shared-basis index (log scale; ``threshold`` dashed).
-    Right: their distribution per expert (box plots)."""
+    Left, top: the experts' median and interquartile band per shared direction, the merged
+    values and ``threshold`` (dashed; log scale); left, bottom: every expert's values as a
+    heatmap (one row per expert, log colours), readable for twenty experts. Right: their
+    distribution per expert (box plots)."""
     names, imp = list(hogsvd["experts"]), hogsvd["importance"]
     merged = imp.get("merged")
     title = None
@@ -580,37 +625,45 @@ def subspace_importance(
                 f"subspace_importance: merged has {merged.shape[0]} values, "
                 f"experts have {sig.shape[1]}"
             )
-    fig = Figure(figsize=(10.5, 3.9))
-    ax_line, ax_box = fig.subplots(1, 2, width_ratios=(1.6, 1.0))
-    x = np.arange(1, sig.shape[1] + 1)
-    for i, (name, values) in enumerate(series.items()):
-        ax_line.plot(
-            x,
-            np.where(values > 0, values, np.nan),
-            color=PALETTE[i % 7],
-            linestyle=LINESTYLES[(i // 7) % len(LINESTYLES)],
-            linewidth=1.1,
-            label=name,
-        )
+    n, m = sig.shape
+    positive = np.where(sig > 0, sig, np.nan)
+    # left: the experts' spread per shared direction (median and interquartile band) with the
+    # merged task vector's values and the threshold (top), every expert's values as a heatmap
+    # (one row per expert, log colour scale: twenty overlapping lines could not be read); right:
+    # each expert's distribution (box plots)
+    fig = Figure(figsize=(11.5, 3.2 + 0.2 * n))
+    left, right = fig.subfigures(1, 2, width_ratios=(1.7, 1.0))
+    ax_line, ax_heat = left.subplots(2, 1, sharex=True, height_ratios=(1.0, max(1.2, 0.09 * n)))
+    ax_box = right.subplots()
+    x = np.arange(1, m + 1)
+    with np.errstate(all="ignore"):
+        q25, q50, q75 = np.nanpercentile(positive, [25, 50, 75], axis=0)
+    ax_line.fill_between(x, q25, q75, color=PALETTE[0], alpha=0.25, linewidth=0,
+                         label="experts: 25–75 %")
+    ax_line.plot(x, q50, color=PALETTE[0], linewidth=1.4, label="experts: median")
     box_data = [v[v > 0] for v in series.values()]
     box_labels = list(series)
     if merged is not None:
-        ax_line.plot(
-            x,
-            np.where(merged > 0, merged, np.nan),
-            color="black",
-            linewidth=2.0,
-            label=merged_label,
-        )
+        ax_line.plot(x, np.where(merged > 0, merged, np.nan), color="black", linewidth=1.8,
+                     label=merged_label)
         box_data.append(merged[merged > 0])
         box_labels.append(merged_label)
     if threshold is not None:
         for ax in (ax_line, ax_box):
-            ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1.0)
+            ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1.0,
+                       label=f"threshold {threshold:g}")
     ax_line.set_yscale("log")
-    ax_line.set_xlabel("shared right singular vector index (HO-GSVD)")
-    ax_line.set_ylabel("generalised singular value")
-    ax_line.set_title("per shared direction")
+    ax_line.set_ylabel("generalised\nsingular value")
+    ax_line.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=4, fontsize=7.5,
+                   borderaxespad=0.2)  # above the values: none is hidden
+    finite = positive[np.isfinite(positive)]
+    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
+    ax_heat.grid(False)
+    im = ax_heat.imshow(positive, aspect="auto", cmap=HEATMAP_CMAP, norm=norm,
+                        interpolation="nearest", extent=(0.5, m + 0.5, n - 0.5, -0.5))
+    ax_heat.set_yticks(range(n), box_labels[:n], fontsize=7 if n > 10 else 8)
+    ax_heat.set_xlabel("shared right singular vector index (HO-GSVD)")
+    left.colorbar(im, ax=ax_heat, shrink=0.9, pad=0.01).set_label("generalised s.v.")
     ax_box.boxplot(
         box_data, tick_labels=box_labels, showfliers=False, medianprops={"color": "black"}
     )
@@ -621,12 +674,6 @@ def subspace_importance(
         lab.set_rotation_mode("anchor")
     ax_box.set_ylabel("generalised singular value")
     ax_box.set_title("distribution per expert")
-    handles = ax_line.get_legend_handles_labels()[0]
-    if threshold is not None:
-        handles.append(
-            Line2D([], [], color="0.4", linestyle="--", label=f"threshold {threshold:g}")
-        )
-    fig.legend(handles=handles, loc="outside right upper")
     if title:
         fig.suptitle(title)
     return save_figure(fig, stem)

@@ -64,9 +64,14 @@ class Table:
 
     @property
     def files(self) -> tuple[str, ...]:
-        """What the table writes: CSV, Markdown, LaTeX and the CSV's provenance sidecar."""
+        """What the table writes: CSV, Markdown, LaTeX, HTML and the CSV's provenance sidecar."""
         csv = f"{self.name}.csv"
-        return csv, f"{self.name}.md", f"{self.name}.tex", csv + SIDECAR_SUFFIX
+        return csv, f"{self.name}.md", f"{self.name}.tex", f"{self.name}.html", csv + SIDECAR_SUFFIX
+
+    @property
+    def report_file(self) -> str:
+        """The file shown in the HTML report: the table as HTML (rendered inline)."""
+        return f"{self.name}.html"
 
     @property
     def rst(self) -> str:
@@ -88,6 +93,11 @@ class Figure:
         (named after the PDF, the first file the figure function returns)."""
         pdf = f"{self.name}.pdf"
         return f"{self.name}.png", pdf, pdf + SIDECAR_SUFFIX
+
+    @property
+    def report_file(self) -> str:
+        """The file shown in the HTML report: the PNG."""
+        return f"{self.name}.png"
 
     @property
     def rst(self) -> str:
@@ -145,15 +155,14 @@ def rule_inputs(entries, files: Mapping[str, Sequence[str]]) -> dict[str, list[s
 def rule_outputs(entries, directory: str, report: Callable, *, caption_dir: str = "../report"
                  ) -> list:
     """Every file of ``entries`` (:data:`TABLES` or :data:`FIGURES`) in ``directory``; the
-    first file of each (the CSV, the PNG) flagged with Snakemake's ``report`` and its caption
-    (``caption_dir``: ``workflow/report`` relative to the rule file)."""
+    report file of each (the table's HTML, the PNG) flagged with Snakemake's ``report`` and its
+    caption (``caption_dir``: ``workflow/report`` relative to the rule file)."""
     kind, category = ("table", "Tables") if entries is TABLES else ("figure", "Figures")
     out = []
     for e in entries.values():
-        first, *rest = e.files
-        out.append(report(f"{directory}/{first}", caption=f"{caption_dir}/{e.rst}",
-                          category=category, labels={kind: e.name}))
-        out += [f"{directory}/{f}" for f in rest]
+        out += [report(f"{directory}/{f}", caption=f"{caption_dir}/{e.rst}", category=category,
+                       labels={kind: e.name}) if f == e.report_file else f"{directory}/{f}"
+                for f in e.files]
     return out
 
 

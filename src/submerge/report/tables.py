@@ -1,4 +1,5 @@
-"""Tables of the report: builders (pandas frames) and one writer (CSV + Markdown + LaTeX).
+"""Tables of the report: builders (pandas frames) and one writer (CSV + Markdown + LaTeX +
+HTML).
 
 Builders take the pipeline's frames and the run's :class:`~submerge.recipe.Recipe` (the
 registry's calling convention, :mod:`submerge.report.registry`) and return a frame whose cells
@@ -739,6 +740,63 @@ def to_latex(
     return "\n".join(lines) + "\n"
 
 
+# the tables' look in the HTML report (scoped to the class, so that a table embedded in the
+# report's landing page styles nothing else)
+HTML_STYLE = """<style>
+table.submerge-table { border-collapse: collapse; font: 13px/1.35 "DejaVu Sans", Arial, sans-serif;
+  color: #111; background: #fff; margin: 0.4em 0 1em 0; }
+table.submerge-table caption { caption-side: top; text-align: left; font-weight: bold;
+  padding: 0 0 0.4em 0; color: #111; }
+table.submerge-table th, table.submerge-table td { padding: 0.25em 0.7em; border: 0; }
+table.submerge-table thead th { border-bottom: 1px solid #444; text-align: center; }
+table.submerge-table thead tr:first-child th { border-top: 2px solid #111; }
+table.submerge-table tbody tr:last-child th, table.submerge-table tbody tr:last-child td {
+  border-bottom: 2px solid #111; }
+table.submerge-table th.index { text-align: left; }
+table.submerge-table tbody th { text-align: left; font-weight: normal; white-space: nowrap; }
+table.submerge-table td { text-align: right; font-variant-numeric: tabular-nums; }
+table.submerge-table tbody tr:nth-child(even) { background: #f3f4f6; }
+</style>"""
+
+
+def to_html(
+    df: pd.DataFrame, decimals: int | Mapping[str, int] = 1, caption: str | None = None
+) -> str:
+    """An HTML fragment: :data:`HTML_STYLE` and one ``<table class="submerge-table">``, the
+    cells as in Markdown (gaps "—"), column levels as header rows (a top level spanning its
+    columns), index levels as row headers; text escaped. Shown inline by the HTML report."""
+    from html import escape
+
+    names, idx = _index_rows(df, sparse=True)
+    cols = list(df.columns)
+    lines = [HTML_STYLE, '<table class="submerge-table">']
+    if caption:
+        lines.append(f"<caption>{escape(caption)}</caption>")
+    lines.append("<thead>")
+    if isinstance(df.columns, pd.MultiIndex) and df.columns.nlevels >= 2 and cols:
+        top = [f'<th class="index" rowspan="2">{escape(n)}</th>' for n in names]
+        i = 0
+        while i < len(cols):
+            j = i
+            while j + 1 < len(cols) and cols[j + 1][0] == cols[i][0]:
+                j += 1
+            top.append(f'<th colspan="{j - i + 1}">{escape(str(cols[i][0]))}</th>')
+            i = j + 1
+        lines.append("<tr>" + "".join(top) + "</tr>")
+        leaf = [" ".join(str(p) for p in c[1:] if str(p) != "") for c in cols]
+        lines.append("<tr>" + "".join(f"<th>{escape(h)}</th>" for h in leaf) + "</tr>")
+    else:
+        lines.append("<tr>" + "".join(f'<th class="index">{escape(n)}</th>' for n in names)
+                     + "".join(f"<th>{escape(_header(c))}</th>" for c in cols) + "</tr>")
+    lines.append("</thead>")
+    lines.append("<tbody>")
+    for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
+        lines.append("<tr>" + "".join(f"<th>{escape(c)}</th>" for c in i)
+                     + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    lines += ["</tbody>", "</table>"]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(
     df: pd.DataFrame,
     stem: str | os.PathLike,
@@ -747,17 +805,19 @@ def write_table(
     caption: str | None = None,
     label: str | None = None,
 ) -> list[Path]:
-    """Write ``df`` as ``<stem>.csv``, ``<stem>.md`` and ``<stem>.tex`` (atomically) and
-    return the three paths, CSV first (pass them to ``provenance.write_sidecar``).
+    """Write ``df`` as ``<stem>.csv``, ``<stem>.md``, ``<stem>.tex`` and ``<stem>.html`` (an
+    HTML fragment, :func:`to_html`; the HTML report's item) atomically and return the four
+    paths, CSV first (pass them to ``provenance.write_sidecar``).
 
-    ``decimals`` applies to Markdown and LaTeX (CSV keeps :data:`CSV_DECIMALS`); a mapping
+    ``decimals`` applies to Markdown, LaTeX and HTML (CSV keeps :data:`CSV_DECIMALS`); a mapping
     is keyed by the column's last level name ("*" = default). Columns whose last level
     starts with "Δ" are printed with a sign. NaN = gap ("—"), "" = not applicable.
     """
     stem = Path(stem)
-    paths = [stem.with_name(stem.name + ext) for ext in (".csv", ".md", ".tex")]
+    paths = [stem.with_name(stem.name + ext) for ext in (".csv", ".md", ".tex", ".html")]
     write_text_atomic(paths[0], to_csv_text(df))
     write_text_atomic(paths[1], to_markdown(df, decimals, caption))
     write_text_atomic(paths[2], to_latex(df, decimals, caption, label))
-    log.info("wrote table %s.{csv,md,tex} (%d rows)", stem, len(df))
+    write_text_atomic(paths[3], to_html(df, decimals, caption))
+    log.info("wrote table %s.{csv,md,tex,html} (%d rows)", stem, len(df))
     return paths
