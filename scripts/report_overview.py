@@ -1,5 +1,8 @@
 """Snakemake script: the report's landing page and attached config (see
 submerge.report.landing.write_overview; no torch)."""
+from submerge.worker import delegate
+
+delegate()  # with a warm worker up (local runs), the job runs there and this process exits
 from pathlib import Path
 
 from submerge.logs import setup_logging
