@@ -15,7 +15,7 @@ setup_logging(snakemake.log[0], snakemake.threads)
 config = snakemake.params.config
 root = Path(snakemake.output.overview).parent.parent
 paths = write_overview(parse_config(config), config, root, snakemake.input.main,
-                       snakemake.input.captions)
-inputs = [snakemake.input.main, *snakemake.input.captions]
+                       snakemake.params.captions)
+inputs = [snakemake.input.main]
 sidecar = provenance.write_sidecar(paths, inputs, config=config)
 check_outputs([*paths, sidecar], snakemake.output)

@@ -62,7 +62,7 @@ def test_write_overview_and_config(tmp_path):
     main = tmp_path / "main_results.html"
     main.write_text("<table><tr><td>61.0</td></tr></table>")
     paths = landing.write_overview(recipe, cfg, tmp_path / "results" / "s", main,
-                                   sorted(CAPTIONS.glob("main_results.rst")))
+                                   landing.caption_texts(CAPTIONS.glob("main_results.rst")))
     assert [p.name for p in paths] == ["overview.html", "config.yaml"]
     assert "61.0" in paths[0].read_text()
     import yaml

@@ -112,10 +112,6 @@ rule figures:
 rule report_overview:
     input:
         main=f"{R}/{REPORT.TABLES_DIR}/{LANDING.MAIN_TABLE}.html",
-        captions=[
-            f"{workflow.basedir}/workflow/report/{e.rst}"
-            for e in [*REPORT.TABLES.values(), *REPORT.FIGURES.values()]
-        ],
     output:
         overview=report(
             OVERVIEW,
@@ -138,6 +134,11 @@ rule report_overview:
         "../../envs/report.yaml"
     params:
         config=LANDING.ConfigParam(result_config()),
+        # the captions' texts, not their paths (a clone elsewhere reruns nothing)
+        captions=LANDING.caption_texts(
+            f"{workflow.basedir}/workflow/report/{e.rst}"
+            for e in [*REPORT.TABLES.values(), *REPORT.FIGURES.values()]
+        ),
         code=code("report_overview"),
     script:
         "../../scripts/report_overview.py"

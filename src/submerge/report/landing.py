@@ -225,14 +225,19 @@ def config_yaml(config: Mapping[str, Any], root: str) -> str:
                                  allow_unicode=True)
 
 
+def caption_texts(caption_files: Sequence[PathLike]) -> dict[str, str]:
+    """name -> text of the entries' captions (``workflow/report/<name>.rst``): the rule gets
+    them as a param, so that a fresh clone elsewhere (other paths, same texts) reruns nothing."""
+    return {Path(p).stem: Path(p).read_text(encoding="utf-8") for p in caption_files}
+
+
 def write_overview(recipe, config: Mapping[str, Any], root: PathLike, main_table: PathLike,
-                   caption_files: Sequence[PathLike]) -> list[Path]:
+                   captions: Mapping[str, str]) -> list[Path]:
     """Write ``overview.html`` and ``config.yaml`` under ``root``/report (atomically) and
-    return their paths; ``caption_files``: ``workflow/report/<name>.rst`` of the entries."""
+    return their paths; ``captions``: :func:`caption_texts` of the entries."""
     from submerge.io.atomic import write_text_atomic
 
     root_text = Path(root).as_posix()
-    captions = {Path(p).stem: Path(p).read_text(encoding="utf-8") for p in caption_files}
     html = overview_html(recipe, root_text, Path(main_table).read_text(encoding="utf-8"),
                          captions)
     paths = [Path(p) for p in overview_files(root_text)[:2]]
