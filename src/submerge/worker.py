@@ -54,7 +54,8 @@ COMMON_PRELOAD = ("snakemake.script", "snakemake.io", "snakemake.logging",
                   "submerge.stages.checkpoints", "submerge.stages.taskvectors",
                   "submerge.stages.spectra", "submerge.stages.merge", "submerge.stages.evaluate",
                   "submerge.stages.selection", "submerge.stages.report",
-                  "submerge.suites.digits", "sklearn.datasets")
+                  "submerge.suites.digits", "sklearn.datasets",
+                  "submerge.report.tables", "submerge.report.figures", "submerge.report.landing")
 ADAPTER = "adapter:"   # a preload entry "adapter:<name>": that adapter's module and libraries
 
 _in_worker = False   # True in a server's child: delegate() is then a no-op
