@@ -179,6 +179,15 @@ class Adapter:
                 "it is not a complete tower of this architecture"
             )
 
+    # ------------------------------------------------------------------ export (source format)
+
+    def save_model(self, module: torch.nn.Module, out_dir) -> list:
+        """Write ``module`` (a tower :meth:`build` made, merged weights loaded) into the
+        existing directory ``out_dir`` in the source library's own format, the inverse of
+        :meth:`tower_state_dict`; return the paths written. Callers make it atomic
+        (:func:`submerge.io.atomic.atomic_dir`)."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot export models")
+
     # ------------------------------------------------------------------ images (CLIP towers)
 
     def image_size(self, arch: Mapping) -> int:
@@ -301,6 +310,16 @@ def load_zero_shot_state(model: torch.nn.Module, raw: Mapping[str, torch.Tensor]
             f"zeroshot_model {source}: not a full CLIP checkpoint of config field arch "
             f"(hf_clip_vision: a vision-only arch gets transformers' default text tower; otherwise give "
             f"a CLIPConfig dict with text_config, vision_config and projection_dim): {exc}") from exc
+
+
+def save_pretrained(module: torch.nn.Module, out_dir) -> list:
+    """A transformers model's ``save_pretrained(out_dir)`` (safetensors); the files written."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    before = set(out.rglob("*"))
+    module.save_pretrained(str(out))
+    return sorted(p for p in out.rglob("*") if p.is_file() and p not in before)
 
 
 def get_adapter(name: str) -> Adapter:

@@ -51,7 +51,7 @@ import torch
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.models import (
-    Adapter, ImageGeometry, ImageTensor, StateDict, block_count, load_tokenizer, load_zero_shot_state,
+    Adapter, save_pretrained, ImageGeometry, ImageTensor, StateDict, block_count, load_tokenizer, load_zero_shot_state,
     require_arch_mapping, square_image_size,
 )
 
@@ -182,6 +182,11 @@ class HFCLIPVisionAdapter(Adapter):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.name}: invalid CLIPVisionConfig {fields!r}: {exc}") from exc
         return CLIPVisionModelWithProjection(config).eval()
+
+    def save_model(self, module: torch.nn.Module, out_dir) -> list:
+        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which the
+        model class's ``from_pretrained`` loads."""
+        return save_pretrained(module, out_dir)
 
     def encode(self, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Pixel values ``(B, 3, H, W)`` -> ``image_embeds`` ``(B, projection_dim)``: the pooled

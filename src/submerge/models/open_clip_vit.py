@@ -128,6 +128,19 @@ class OpenClipViTAdapter(Adapter):
         """
         return module(inputs)
 
+    EXPORT_FILE = "open_clip_visual.safetensors"
+
+    def save_model(self, module: torch.nn.Module, out_dir) -> list:
+        """The tower's state dict as safetensors (``open_clip_visual.safetensors``): exactly
+        what ``open_clip.create_model(<arch>).visual.load_state_dict`` takes, strictly."""
+        from pathlib import Path
+
+        from submerge.io.checkpoints import _safetensors_ready, save_safetensors
+
+        path = Path(out_dir) / self.EXPORT_FILE
+        save_safetensors(_safetensors_ready(module.state_dict()), path, metadata={"format": "pt"})
+        return [path]
+
     def image_size(self, arch: Mapping) -> int:
         """``arch["image_size"]``, or the ``vision_cfg.image_size`` of open_clip's bundled config
         ``arch["model"]``."""
