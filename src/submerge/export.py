@@ -89,8 +89,9 @@ def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:g}"
 
 
-def render_card(card: ModelCard, adapter: str, arch: Mapping) -> str:
-    """The model card (Markdown with a YAML header) of an exported model."""
+def render_card(card: ModelCard, adapter: str, arch: Mapping, heads: bool = False) -> str:
+    """The model card (Markdown with a YAML header) of an exported model (``heads``: the
+    experts' heads lie beside it)."""
     method = card.method
     library = "open_clip" if adapter == "open_clip_vit" else "transformers"
     hyper = ", ".join(f"{k}={v}" for k, v in dict(method.hyper).items()) or "none"
@@ -126,7 +127,7 @@ def render_card(card: ModelCard, adapter: str, arch: Mapping) -> str:
                           for s in splits)
         lines += ["", f"Mean accuracy over the experts' tasks: {means}."]
     lines += ["", "## Loading", "", "```python", load_snippet(adapter, arch), "```", ""]
-    if adapter in ("open_clip_vit", "hf_clip_vision"):
+    if heads:
         lines += ["`head_<expert>.safetensors` (where present): each task's classification head "
                   "(`weight`, optional `bias`) on the image features, and `head_<expert>.json` "
                   "(whether features are normalised, the logit scale, the class names).", ""]
@@ -159,7 +160,7 @@ def write_export(adapter, module, arch: Mapping, out_dir: PathLike, card: ModelC
             if meta.is_file():
                 shutil.copyfile(meta, target.with_suffix(".json"))
                 files.append(target.with_suffix(".json"))
-        write_text_atomic(tmp / CARD, render_card(card, adapter.name, arch))
+        write_text_atomic(tmp / CARD, render_card(card, adapter.name, arch, heads=bool(heads)))
         top = [f for f in files if f.parent == tmp]
         record_provenance([tmp / CARD, *top], list(inputs))
     log.info("exported %s (%s) to %s", card.title, adapter.name, out)

@@ -674,6 +674,7 @@ def parse_export(value: Any, groups: Mapping[str, Sequence[str]],
 
 # ------------------------------------------------------- merge recipes (submerge merge CLI)
 
+DIAGNOSE_BETA = 0.01  # β of `submerge diagnose` when none is given
 MERGE_RECIPE_KEYS = ("adapter", "arch", "base", "experts", "method", "alpha", "beta", "device",
                      "output")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
