@@ -827,7 +827,11 @@ def parse_merge_recipe(cfg: Mapping, *, need_alpha: bool = True) -> MergeRecipe:
             raise ConfigError("config field beta: given without Subspace Boosting (method.boost)")
         beta = _finite(beta, "beta", lo=0.0, hi=1.0, lo_open=False)
     grid = {"alpha": [alpha if alpha is not None else 1.0], "beta": [0.0 if beta is None else beta]}
-    method = parse_method("merge", {k: v for k, v in method_cfg.items()}, grid, [])
+    try:
+        method = parse_method("merge", dict(method_cfg), grid, [])
+    except ConfigError as exc:  # parse_method names pipeline fields: methods.<name>.<field>
+        raise ConfigError(str(exc).replace("config field methods.merge", "config field method", 1)
+                          .replace("config field grid.", "config field ", 1)) from None
     if boosted and beta is None:
         if method.boost.beta_attn is None or method.boost.beta_mlp is None:
             raise ConfigError("config field beta: required with Subspace Boosting (method.boost), "
