@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,7 +393,7 @@ def _run_recipe_command(args: argparse.Namespace, *, diagnose: bool) -> int:
                 print(path)
         else:
             out = standalone.merge(recipe, Path(recipe.output),
-                                   command="submerge merge " + " ".join(sys.argv[2:]))
+                                   command=shlex.join(["submerge", *args.argv]))
             print(out)
     except _InputError as exc:
         print(f"submerge {name}: error: {_one_line(exc)}", file=sys.stderr)
@@ -464,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``submerge`` script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model cards
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help(sys.stderr)
