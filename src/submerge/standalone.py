@@ -1,7 +1,7 @@
 """Merging and rank diagnostics outside the pipeline (``submerge merge``, ``submerge
 diagnose``), on the pipeline's own stage functions: each expert is loaded, normalised by its
-adapter and written as an HDF5 task vector (:mod:`submerge.io.hdf5`, as
-:func:`submerge.stages.taskvectors.make_task_vector` writes them) one at a time, then
+adapter and turned into an HDF5 task vector by
+:func:`submerge.stages.taskvectors.make_task_vector`, one at a time, then
 :func:`submerge.stages.merge.merge_group` merges them (LiNeS, the SVD factors of boosting),
 :func:`submerge.stages.merge.reconstruct` boosts at β and
 :func:`submerge.stages.common.merged_module` applies α; :func:`submerge.export.write_export`
@@ -111,15 +111,22 @@ def _load_tower(adapter, spec: Mapping, what: str, path: Path) -> tuple[dict, st
 def task_vector_files(recipe: MergeRecipe, sources: Sources, workdir: Path
                       ) -> tuple[dict, dict[str, str], list[Path]]:
     """The normalised base, the sha256 of every checkpoint (``"base"`` and each expert) and
-    one HDF5 task vector per expert under ``workdir``, experts loaded one at a time."""
+    one HDF5 task vector per expert under ``workdir``: each expert is loaded, checked against
+    the base, normalised to a file and turned into its task vector by the pipeline's
+    :func:`~submerge.stages.taskvectors.make_task_vector`, one expert at a time."""
     from tqdm import tqdm
 
-    from submerge.io import hdf5
-    from submerge.merging.task_vectors import task_vectors
+    from submerge.io.checkpoints import save_normalized
+    from submerge.merging.task_vectors import validate_state_dicts
     from submerge.models import get_adapter
+    from submerge.stages.taskvectors import make_task_vector
 
     adapter = get_adapter(sources.adapter)
+    suite = _suite(sources)
     base, base_sha = _load_tower(adapter, recipe.base, "base", sources.base_file)
+    base_path = workdir / "base.safetensors"
+    meta = {"adapter": adapter.name, "arch": sources.arch}
+    save_normalized(base, base_path, {**meta, "model": "base", "source_sha256": base_sha})
     shas, paths = {"base": base_sha}, []
     for name in tqdm(list(recipe.experts), desc="task vectors", unit="expert", disable=None):
         spec, path = recipe.experts[name], sources.expert_files[name]
@@ -127,17 +134,17 @@ def task_vector_files(recipe: MergeRecipe, sources: Sources, workdir: Path
         sd, shas[name] = _load_tower(adapter, spec, what, path)
         try:
             sd = adapter.complete_from_base(sd, base)
-            tv = task_vectors(base, {name: sd})[name]
+            validate_state_dicts(base, {name: sd})
         except (CheckpointError, ValueError) as exc:
             raise CheckpointError(f"{what} ({path}) does not match the base "
                                   f"({sources.base_file}): {exc}") from None
+        expert_path = workdir / f"expert-{name}.safetensors"
+        save_normalized(sd, expert_path, {**meta, "model": name, "source_sha256": shas[name]})
         del sd
-        out = workdir / f"{name}.h5"
-        hdf5.write_state_dict(out, tv, adapter.layer_infos(tv), {
-            "expert": name, "adapter": adapter.name, "base_sha256": base_sha,
-            "expert_sha256": shas[name]})
-        paths.append(out)
-        del tv
+        paths.append(workdir / f"tv-{name}.h5")
+        make_task_vector(suite, name, base_path, expert_path, paths[-1])
+        expert_path.unlink()  # one normalised expert on disk at a time
+        expert_path.with_suffix(".json").unlink()
     return base, shas, paths
 
 
