@@ -491,7 +491,7 @@ class Recipe:
         return [(g, m) for g in self.groups for m, meth in self.methods.items() if g in meth.groups]
 
     def largest_group(self) -> str:
-        return max(self.groups, key=lambda g: len(self.groups[g]))
+        return largest_group(self.groups)
 
     def suite_view(self, experts: Iterable[str] = ()) -> dict:
         """The suite's config restricted to ``experts`` (a job's params: adding an expert
@@ -625,6 +625,11 @@ def _parse_selection(cfg: Mapping, groups: Mapping, methods: Mapping[str, Method
 EXPORT_KEYWORDS = ("default", "all", "none")
 
 
+def largest_group(groups: Mapping[str, Sequence[str]]) -> str:
+    """The group with the most experts (the first listed among equally large ones)."""
+    return max(groups, key=lambda g: len(groups[g]))
+
+
 def parse_export(value: Any, groups: Mapping[str, Sequence[str]],
                  methods: Mapping[str, Method]) -> tuple[tuple[str, str], ...]:
     """The (group, method) pairs whose merged model is exported (config field ``export``):
@@ -640,7 +645,7 @@ def parse_export(value: Any, groups: Mapping[str, Sequence[str]],
     if value is None or value == "default":
         if not groups:
             return ()
-        largest = max(groups, key=lambda g: len(groups[g]))
+        largest = largest_group(groups)
         return tuple((g, m) for g, m in pairs if g == largest and methods[m].boosted)
     if value == "all":
         return tuple(pairs)
@@ -666,7 +671,7 @@ def parse_export(value: Any, groups: Mapping[str, Sequence[str]],
         else:
             if not methods[method].groups:
                 raise ConfigError(f"{where}: method {method!r} is merged on no group")
-            group = max(methods[method].groups, key=lambda g: len(groups[g]))
+            group = largest_group({g: groups[g] for g in methods[method].groups})
         if (group, method) not in out:
             out.append((group, method))
     return tuple(out)
