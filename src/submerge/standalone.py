@@ -109,8 +109,8 @@ def _load_tower(adapter, spec: Mapping, what: str, path: Path) -> tuple[dict, st
 
 
 def task_vector_files(recipe: MergeRecipe, sources: Sources, workdir: Path
-                      ) -> tuple[dict, dict[str, str], list[Path]]:
-    """The normalised base, the sha256 of every checkpoint (``"base"`` and each expert) and
+                      ) -> tuple[Path, dict[str, str], list[Path]]:
+    """The normalised base's file, the sha256 of every checkpoint (``"base"`` and each expert) and
     one HDF5 task vector per expert under ``workdir``: each expert is loaded, checked against
     the base, normalised to a file and turned into its task vector by the pipeline's
     :func:`~submerge.stages.taskvectors.make_task_vector`, one expert at a time."""
@@ -145,7 +145,7 @@ def task_vector_files(recipe: MergeRecipe, sources: Sources, workdir: Path
         make_task_vector(suite, name, base_path, expert_path, paths[-1])
         expert_path.unlink()  # one normalised expert on disk at a time
         expert_path.with_suffix(".json").unlink()
-    return base, shas, paths
+    return base_path, shas, paths
 
 
 def _extra_inputs(recipe: MergeRecipe, experts: list[str], tv_paths: list[Path], workdir: Path,
@@ -176,7 +176,7 @@ def merge(recipe: MergeRecipe, output: Path, *, command: str = "submerge merge")
     the source's format, :func:`submerge.export.write_export`)."""
     from submerge.export import ModelCard, write_export
     from submerge.io import hdf5
-    from submerge.stages.common import merged_module, resolve_device
+    from submerge.stages.common import load_base, merged_module, resolve_device
     from submerge.stages.merge import merge_group, reconstruct
 
     if recipe.alpha is None:
@@ -187,7 +187,7 @@ def merge(recipe: MergeRecipe, output: Path, *, command: str = "submerge merge")
     experts = list(recipe.experts)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".submerge-merge-") as tmp:
         work = Path(tmp)
-        base, shas, tv_paths = task_vector_files(recipe, sources, work)
+        base_path, shas, tv_paths = task_vector_files(recipe, sources, work)
         extra = _extra_inputs(recipe, experts, tv_paths, work)
         merged_path = work / "merged.h5"
         merge_group(experts, tv_paths, recipe.method, merged_path, extra_paths=extra,
@@ -198,9 +198,9 @@ def merge(recipe: MergeRecipe, output: Path, *, command: str = "submerge merge")
         factors = {k: [tuple(t.to(dev) for t in f) for f in fs] for k, fs in factors.items()}
         delta = reconstruct(dense, factors, layer_info, recipe.method, recipe.beta)
         del dense, factors
-        base = {k: v.to(dev) for k, v in base.items()}
-        adapter, module, _ = merged_module(_suite(sources), base, delta, recipe.alpha, dev)
-        del delta, base
+        adapter, module, _ = merged_module(_suite(sources), load_base(base_path, dev), delta,
+                                           recipe.alpha, dev)
+        del delta
         card = ModelCard(
             title=f"{recipe.method.label} merge of {len(experts)} experts",
             method=recipe.method, alpha=recipe.alpha,
