@@ -470,3 +470,48 @@ def test_cli_diagnose_hogsvd_alignment(digits_run, tmp_path):
     assert list(align.index) == EXPERTS == list(align.columns)
     assert (out / "alignment.png").stat().st_size > 0
     assert json.loads((out / "alignment.csv.json").read_text())["outputs"][0]["name"] == "alignment.csv"
+
+
+# ---------------------------------------------------------------- merge recipe parsing
+
+
+def test_source_texts_become_the_pipelines_source_mappings(tmp_path):
+    from submerge.recipe import parse_source_text
+
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "pytorch_model.bin").write_bytes(b"x")
+    pin = "ab" * 32
+    assert parse_source_text(str(f), "base") == {"path": str(f)}
+    assert parse_source_text(str(tmp_path / "dir"), "base") == {"path": str(tmp_path / "dir" / "pytorch_model.bin")}
+    assert parse_source_text("org/name", "base") == {"hub": {"repo": "org/name", "file": "model.safetensors"}}
+    assert parse_source_text(f"org/n.1:open_clip_model.safetensors@v2#sha256={pin.upper()}", "base") == {
+        "hub": {"repo": "org/n.1", "file": "open_clip_model.safetensors", "revision": "v2"}, "sha256": pin}
+    assert parse_source_text("https://h.org/a/b.pt", "x") == {"url": "https://h.org/a/b.pt"}
+    with pytest.raises(ConfigError, match=r"config field experts\[1\]: 'sha256=12' is not"):
+        parse_source_text("org/name#sha256=12", "experts[1]")
+    with pytest.raises(ConfigError, match="has no model.safetensors"):
+        parse_source_text(str(tmp_path), "base")
+
+
+def test_merge_recipe_fields_are_checked_once_for_yaml_and_flags():
+    from submerge.recipe import parse_merge_recipe
+
+    base = {"base": "org/base", "experts": ["org/a", "other/a"]}
+    r = parse_merge_recipe({**base, "method": {"merge": "ties", "boost": {"beta_attn": 0.1, "beta_mlp": 0.2}},
+                            "alpha": 0.5})
+    assert list(r.experts) == ["a", "a-2"] and r.method.hyper == {"top_k_percent": 20, "aggregate": "dis-mean"}
+    assert r.method.boost.betas(r.beta) == {"attn": 0.1, "mlp": 0.2} and r.method.label == "TIES + SB"
+    cases = [({"method": "task_arithmetic"}, "config field alpha: required"),
+             ({"method": "task_arithmetic", "alpha": 1, "beta": 0.1}, "config field beta: given without"),
+             ({"method": {"merge": "ta", "boost": {}}, "alpha": 1}, "config field method.merge: unknown"),
+             ({"method": {"merge": "task_arithmetic", "boost": {}}, "alpha": 1}, "config field beta: required"),
+             ({"method": {"merge": "task_arithmetic", "boost": {"layer": "mlp"}}, "alpha": 1, "beta": 0},
+              "config field method.boost.layer: unknown"),
+             ({"method": {"merge": "task_arithmetic", "alpha": 1}}, "config field method.alpha"),
+             ({"method": "task_arithmetic", "alpha": 1, "models": []}, "config field models: unknown"),
+             ({"method": "task_arithmetic", "alpha": 1, "device": "gpu"}, "config field device")]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse_merge_recipe({**base, **extra})
