@@ -213,7 +213,7 @@ def test_export_is_atomic(digits_run, tmp_path, monkeypatch):
     export_model(*args, device="cpu")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "README.md.json"}
 
-    def broken(self, module, out_dir):
+    def broken(self, module, out_dir, arch):
         (Path(out_dir) / "open_clip_visual.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 

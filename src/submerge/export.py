@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 CARD = "README.md"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-# the text tower open_clip needs to build a CLIP around an explicit (tiny) image tower; unused
-_TINY_TEXT_CFG = {"context_length": 8, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}
 
 
 @dataclass
@@ -52,48 +49,15 @@ class ModelCard:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def open_clip_config(arch: Mapping) -> dict | None:
-    """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) whose image
-    tower is the explicit ``arch`` (fields of :meth:`OpenClipViTAdapter.build`); None for a
-    named arch (``{"model": ...}``: open_clip ships its config)."""
-    if "model" in arch:
-        return None
-    width, heads = int(arch["width"]), int(arch["heads"])
-    return {"embed_dim": int(arch["output_dim"]), "quick_gelu": bool(arch.get("quick_gelu", False)),
-            "vision_cfg": {"image_size": int(arch["image_size"]), "patch_size": int(arch["patch_size"]),
-                           "width": width, "layers": int(arch["layers"]), "head_width": width // heads,
-                           "mlp_ratio": float(arch["mlp_ratio"])},
-            "text_cfg": dict(_TINY_TEXT_CFG)}
-
-
-def load_snippet(adapter: str, arch: Mapping) -> str:
-    """Python lines that load the exported model with its upstream library."""
-    if adapter == "open_clip_vit":
-        if "model" in arch:
-            name = arch["model"]
-            gelu = ", force_quick_gelu=True" if arch.get("quick_gelu") else ""
-            first = "import open_clip, safetensors.torch"
-        else:
-            name, gelu = Path(OPEN_CLIP_CONFIG).stem, ""
-            first = (f"import open_clip, safetensors.torch; "
-                     f"open_clip.add_model_config(\"{OPEN_CLIP_CONFIG}\")")
-        return (f"{first}\n"
-                f"model = open_clip.create_model(\"{name}\"{gelu})\n"
-                f"model.visual.load_state_dict(safetensors.torch.load_file(\"open_clip_visual.safetensors\"))")
-    cls = {"hf_clip_vision": "CLIPVisionModelWithProjection",
-           "hf_t5": "T5ForConditionalGeneration"}.get(adapter, "AutoModel")
-    return f"from transformers import {cls}\nmodel = {cls}.from_pretrained(\"<this directory>\")"
-
-
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:g}"
 
 
-def render_card(card: ModelCard, adapter: str, arch: Mapping, heads: bool = False) -> str:
+def render_card(card: ModelCard, adapter, arch: Mapping, heads: bool = False) -> str:
     """The model card (Markdown with a YAML header) of an exported model (``heads``: the
-    experts' heads lie beside it)."""
+    experts' heads lie beside it); ``adapter`` names the library and how to load it."""
     method = card.method
-    library = "open_clip" if adapter == "open_clip_vit" else "transformers"
+    library = adapter.library
     hyper = ", ".join(f"{k}={v}" for k, v in dict(method.hyper).items()) or "none"
     lines = ["---", f"library_name: {library}", "tags: [model-merging, submerge, subspace-boosting]",
              "---", "", f"# {card.title}", "",
@@ -126,7 +90,7 @@ def render_card(card: ModelCard, adapter: str, arch: Mapping, heads: bool = Fals
         means = ", ".join(f"{s} {100 * sum(card.accuracy[s].values()) / len(card.accuracy[s]):.2f} %"
                           for s in splits)
         lines += ["", f"Mean accuracy over the experts' tasks: {means}."]
-    lines += ["", "## Loading", "", "```python", load_snippet(adapter, arch), "```", ""]
+    lines += ["", "## Loading", "", "```python", adapter.load_snippet(arch), "```", ""]
     if heads:
         lines += ["`head_<expert>.safetensors` (where present): each task's classification head "
                   "(`weight`, optional `bias`) on the image features, and `head_<expert>.json` "
@@ -146,12 +110,7 @@ def write_export(adapter, module, arch: Mapping, out_dir: PathLike, card: ModelC
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        files = [Path(p) for p in adapter.save_model(module, tmp)]
-        if adapter.name == "open_clip_vit":
-            config = open_clip_config(arch)
-            if config is not None:
-                write_text_atomic(tmp / OPEN_CLIP_CONFIG, json.dumps(config, indent=2) + "\n")
-                files.append(tmp / OPEN_CLIP_CONFIG)
+        files = [Path(p) for p in adapter.save_model(module, tmp, arch)]
         for expert, head in (heads or {}).items():
             target = tmp / f"head_{expert}.safetensors"
             shutil.copyfile(head, target)
@@ -160,7 +119,7 @@ def write_export(adapter, module, arch: Mapping, out_dir: PathLike, card: ModelC
             if meta.is_file():
                 shutil.copyfile(meta, target.with_suffix(".json"))
                 files.append(target.with_suffix(".json"))
-        write_text_atomic(tmp / CARD, render_card(card, adapter.name, arch, heads=bool(heads)))
+        write_text_atomic(tmp / CARD, render_card(card, adapter, arch, heads=bool(heads)))
         top = [f for f in files if f.parent == tmp]
         record_provenance([tmp / CARD, *top], list(inputs))
     log.info("exported %s (%s) to %s", card.title, adapter.name, out)

@@ -23,7 +23,6 @@ from submerge.recipe import HOGSVDSettings, MergeRecipe, Suite
 log = logging.getLogger(__name__)
 
 ENERGY_FRAC = 0.9  # the cumulative-energy rank's share of Σσ² (as the report's rank collapse figure)
-_HF_TYPES = {"t5": "hf_t5", "clip": "hf_clip_vision", "clip_vision_model": "hf_clip_vision"}
 
 
 @dataclass
@@ -82,7 +81,9 @@ def resolve_sources(recipe: MergeRecipe) -> Sources:
     if adapter is None or arch is None:
         config = _hf_config(recipe, base_file)
         if config is not None:
-            adapter = adapter or _HF_TYPES.get(config.get("model_type"))
+            from submerge.models import adapter_for_hf_config
+
+            adapter = adapter or adapter_for_hf_config(config)
             arch = arch or {k: v for k, v in config.items()
                             if k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
     if adapter is None:

@@ -181,11 +181,17 @@ class Adapter:
 
     # ------------------------------------------------------------------ export (source format)
 
-    def save_model(self, module: torch.nn.Module, out_dir) -> list:
-        """Write ``module`` (a tower :meth:`build` made, merged weights loaded) into the
-        existing directory ``out_dir`` in the source library's own format, the inverse of
-        :meth:`tower_state_dict`; return the paths written. Callers make it atomic
+    library: str = ""  # the library that loads an exported model (model cards)
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """Write ``module`` (a tower :meth:`build` made from ``arch``, merged weights loaded)
+        into the existing directory ``out_dir`` in the source library's own format, the
+        inverse of :meth:`tower_state_dict`; return the paths written. Callers make it atomic
         (:func:`submerge.io.atomic.atomic_dir`)."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot export models")
+
+    def load_snippet(self, arch: Mapping) -> str:
+        """Python lines that load what :meth:`save_model` wrote, with the upstream library."""
         raise NotImplementedError(f"adapter {self.name!r} cannot export models")
 
     # ------------------------------------------------------------------ images (CLIP towers)
@@ -312,6 +318,15 @@ def load_zero_shot_state(model: torch.nn.Module, raw: Mapping[str, torch.Tensor]
             f"a CLIPConfig dict with text_config, vision_config and projection_dim): {exc}") from exc
 
 
+# Hugging Face config.json model_type -> adapter (`submerge merge` reading an HF checkpoint)
+_HF_MODEL_TYPES = {"t5": "hf_t5", "clip": "hf_clip_vision", "clip_vision_model": "hf_clip_vision"}
+
+
+def adapter_for_hf_config(config: Mapping) -> str | None:
+    """The adapter of a Hugging Face ``config.json`` (by its ``model_type``), None if none fits."""
+    return _HF_MODEL_TYPES.get(config.get("model_type"))
+
+
 def save_pretrained(module: torch.nn.Module, out_dir) -> list:
     """A transformers model's ``save_pretrained(out_dir)`` (safetensors); the files written."""
     from pathlib import Path
@@ -330,5 +345,5 @@ def get_adapter(name: str) -> Adapter:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
-__all__ = ["Adapter", "ComposedImageTransform", "ImageGeometry", "ImageTensor", "ImageTransform", "StateDict",
+__all__ = ["Adapter", "adapter_for_hf_config", "ComposedImageTransform", "ImageGeometry", "ImageTensor", "ImageTransform", "StateDict",
            "get_adapter", "load_tokenizer"]

@@ -183,10 +183,16 @@ class HFCLIPVisionAdapter(Adapter):
             raise ConfigError(f"{self.name}: invalid CLIPVisionConfig {fields!r}: {exc}") from exc
         return CLIPVisionModelWithProjection(config).eval()
 
-    def save_model(self, module: torch.nn.Module, out_dir) -> list:
-        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which the
-        model class's ``from_pretrained`` loads."""
+    library = "transformers"
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which
+        ``CLIPVisionModelWithProjection.from_pretrained`` loads."""
         return save_pretrained(module, out_dir)
+
+    def load_snippet(self, arch: Mapping) -> str:
+        return ("from transformers import CLIPVisionModelWithProjection\n"
+                "model = CLIPVisionModelWithProjection.from_pretrained(\"<this directory>\")")
 
     def encode(self, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Pixel values ``(B, 3, H, W)`` -> ``image_embeds`` ``(B, projection_dim)``: the pooled

@@ -118,10 +118,16 @@ class HFT5Adapter(Adapter):
             raise ConfigError(f"{self.name}: invalid T5Config {dict(arch)!r}: {exc}") from exc
         return T5ForConditionalGeneration(config).eval()
 
-    def save_model(self, module: torch.nn.Module, out_dir) -> list:
-        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which the
-        model class's ``from_pretrained`` loads."""
+    library = "transformers"
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which
+        ``T5ForConditionalGeneration.from_pretrained`` loads."""
         return save_pretrained(module, out_dir)
+
+    def load_snippet(self, arch: Mapping) -> str:
+        return ("from transformers import T5ForConditionalGeneration\n"
+                "model = T5ForConditionalGeneration.from_pretrained(\"<this directory>\")")
 
     def encode(self, module: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Token logits ``(B, T_dec, vocab)`` of a batch.
