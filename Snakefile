@@ -29,6 +29,7 @@ include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/selection.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 onstart:
@@ -50,3 +51,4 @@ rule all:
     default_target: True
     input:
         all_targets(),
+        export_targets(),

@@ -252,3 +252,35 @@ def test_zero_shot_head_needs_the_text_tower(real_run):
     with pytest.raises(CheckpointError, match="text_model") as info:
         zero_shot_head_for_suite(suite, "e0")
     assert vision_only in str(info.value)
+
+
+def test_exported_model_loads_with_transformers_and_equals_the_pipelines_model(real_run):
+    """The default export (the largest group's boosted method, ta_sb on `all`) is a
+    save_pretrained directory that transformers loads, with the pipeline's outputs at the chosen
+    point, the zero-shot heads beside it and a model card naming the experts' sha256."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from submerge.recipe import EvalSettings, GridPoint, Method, Suite, parse_config
+    from submerge.stages.evaluate import Sweep
+
+    workdir, cfg, _, _ = real_run
+    root = workdir / "results" / SUITE
+    out = root / "export" / "all" / "ta_sb"
+    assert {"config.json", "model.safetensors", "README.md", "README.md.json",
+            "head_e0.safetensors", "head_e1.safetensors"} <= {p.name for p in out.iterdir()}
+    model = CLIPVisionModelWithProjection.from_pretrained(str(out)).eval()
+    test = json.loads((root / "test" / "all" / "ta_sb.json").read_text())
+    recipe = parse_config(cfg)
+    experts = list(EXPERTS)
+    sweep = Sweep(Suite.from_params(recipe.suite_view(experts)), experts,
+                  Method.from_params(recipe.methods["ta_sb"].to_params()), "all",
+                  root / "models" / "base.safetensors", root / "merged" / "all" / "ta_sb.h5",
+                  [root / "heads" / f"{e}.safetensors" for e in experts], EvalSettings(device="cpu"),
+                  workdir / "cache-copy")
+    _, want, _ = sweep.model(GridPoint(test["alpha"], test["beta"]))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels).image_embeds, want(pixel_values=pixels).image_embeds)
+    card = (out / "README.md").read_text()
+    for e in experts:
+        assert cfg["experts"][e]["source"]["sha256"] in card

@@ -90,6 +90,11 @@ def test_full_run_outputs(tiny_run):
     n_points = expected_val // sum(len(m) for m in cfg["groups"].values()) * len(cfg["groups"])
     evals = _evaluations(workdir)
     assert len(evals["val"]) == n_points and len(evals["test"]) == len(test.groupby(["group", "method"]))
+    # the default export: the largest group's boosted method, loadable in open_clip's format
+    exported = sorted(p.name for p in (root / "export").rglob("*.safetensors"))
+    assert exported == ["head_invert.safetensors", "head_parity.safetensors",
+                        "head_rot90.safetensors", "open_clip_visual.safetensors"]
+    assert (root / "export" / "g3" / "ta_sb" / "README.md.json").is_file()
     # every rule left a log and a benchmark file
     assert any((workdir / "logs" / "tiny" / "sweep").rglob("*.log"))
     assert any((workdir / "benchmarks" / "tiny" / "merged").rglob("*.tsv"))
@@ -146,7 +151,7 @@ def test_adding_an_expert_reruns_only_what_depends_on_it(copy_of_run):
         # g3 is the largest group: its HO-GSVD summary feeds the alignment figures
         ("hogsvd_summary", f"{R}/summaries/hogsvd_summary.json"),
     } | _sweeps(["g3"], ["ta", "ta_sb"])
-    assert jobs == expected | REPORT_JOBS
+    assert jobs == expected | REPORT_JOBS | EXPORT_JOBS
     # only g3's points: 2 alphas for ta, 2 alphas x 1 beta for ta_sb; and their test points
     assert evaluated == {"val": 4, "test": 2}
 
@@ -155,7 +160,8 @@ def test_adding_a_grid_point_evaluates_only_the_new_points(copy_of_run):
     workdir, cfg = copy_of_run
     cfg["grid"]["alpha"].append(0.75)
     jobs, evaluated = _run_counting(workdir, cfg, "add_alpha.yaml")
-    assert jobs == {("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"]) | REPORT_JOBS
+    assert jobs == ({("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"])
+                    | REPORT_JOBS | EXPORT_JOBS)
     assert evaluated["val"] == 2 * 2  # one new alpha in 2 groups x 2 methods
     # a test evaluation only where the new point is chosen
     chosen_new = sum(json.loads((workdir / R / "test" / g / f"{m}.json").read_text())["alpha"] == 0.75
@@ -167,7 +173,8 @@ def test_changing_the_selection_metric_reruns_only_the_choice(copy_of_run):
     workdir, cfg = copy_of_run
     cfg["eval"]["selection_metric"] = "absolute"
     jobs, evaluated = _run_counting(workdir, cfg, "metric.yaml")
-    assert jobs == {("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"]) | REPORT_JOBS
+    assert jobs == ({("scores", f"{R}/scores.csv")} | _sweeps(cfg["groups"], cfg["methods"])
+                    | REPORT_JOBS | EXPORT_JOBS)
     assert evaluated["val"] == 0 and evaluated["test"] <= 4
 
 
@@ -180,7 +187,7 @@ def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run):
     for g in cfg["groups"]:
         expected |= {("merged", f"{R}/merged/{g}/ta_sb.h5")}
     expected |= _sweeps(cfg["groups"], ["ta_sb"])
-    assert jobs == expected | REPORT_JOBS
+    assert jobs == expected | REPORT_JOBS | EXPORT_JOBS
 
 
 def _repo_copy(dest: Path) -> Path:
@@ -217,6 +224,9 @@ def test_code_changes_rerun_only_what_runs_them(tiny_run, tmp_path):
     assert not rules & {"base_model", "expert_model", "hogsvd"}, rules
 
 
+# the default export (config field export): the largest group's boosted method, at its chosen
+# point; it reruns whenever that sweep does
+EXPORT_JOBS = {("export", f"{R}/export/g3/ta_sb")}
 # the report rules depend on everything aggregated: they rerun after any change
 REPORT_JOBS = {("spectra_summary", f"{R}/summaries/spectra_summary.csv"),
                ("tables", f"{R}/tables/main_results.csv"),

@@ -42,7 +42,7 @@ SCORE_DIGITS = 6
 
 # config keys that describe the workflow rather than the suite; every other key is the suite's
 WORKFLOW_KEYS = ("groups", "methods", "grid", "eval", "experiments", "consensus_lambdas",
-                 "hogsvd", "device", "gpu", "save_merged", "warm_worker")
+                 "hogsvd", "device", "gpu", "save_merged", "warm_worker", "export")
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -478,6 +478,7 @@ class Recipe:
     gpu: bool = True
     save_merged: bool = False
     warm_worker: bool = True   # local runs: jobs start in a preloaded process (submerge.worker)
+    export: tuple[tuple[str, str], ...] = ()  # (group, method) pairs exported (parse_export)
 
     @property
     def experts(self) -> list[str]:
@@ -491,7 +492,7 @@ class Recipe:
         return [(g, m) for g in self.groups for m, meth in self.methods.items() if g in meth.groups]
 
     def largest_group(self) -> str:
-        return max(self.groups, key=lambda g: len(self.groups[g]))
+        return largest_group(self.groups)
 
     def suite_view(self, experts: Iterable[str] = ()) -> dict:
         """The suite's config restricted to ``experts`` (a job's params: adding an expert
@@ -569,7 +570,8 @@ def parse_config(cfg: Mapping) -> Recipe:
                   groups=groups, methods=methods, eval=eval_settings, selection=selection,
                   consensus_lambdas=lambdas, hogsvd=hogsvd, gpu=bool(cfg.get("gpu", True)),
                   save_merged=bool(cfg.get("save_merged", False)),
-                  warm_worker=bool(cfg.get("warm_worker", True)))
+                  warm_worker=bool(cfg.get("warm_worker", True)),
+                  export=parse_export(cfg.get("export"), groups, methods))
 
 
 def _check_downloaded_expert(cfg: Mapping, name: str, spec: Mapping) -> None:
@@ -622,3 +624,244 @@ def _parse_selection(cfg: Mapping, groups: Mapping, methods: Mapping[str, Method
                                ext=tuple(sel.get("ext", [])), n_select=int(sel["n_select"]),
                                method=sel["method"], draws=int(sel.get("draws", 10)),
                                seed=int(sel.get("seed", 0)), strategy=sel.get("strategy", "greedy"))
+
+
+# -------------------------------------------------------------------------------- export
+
+EXPORT_KEYWORDS = ("default", "all", "none")
+
+
+def largest_group(groups: Mapping[str, Sequence[str]]) -> str:
+    """The group with the most experts (the first listed among equally large ones)."""
+    return max(groups, key=lambda g: len(groups[g]))
+
+
+def parse_export(value: Any, groups: Mapping[str, Sequence[str]],
+                 methods: Mapping[str, Method]) -> tuple[tuple[str, str], ...]:
+    """The (group, method) pairs whose merged model is exported (config field ``export``):
+
+    * absent or ``default``: every boosted method of the largest group (the first listed
+      among equally large ones);
+    * ``all``: every (group, method) that is merged; ``none`` (or ``[]``): nothing;
+    * a list of ``group/method`` or method names; a bare method name is that method on the
+      largest group it is merged on.
+
+    ConfigError naming ``config field export`` for anything else."""
+    pairs = [(g, m) for g in groups for m, meth in methods.items() if g in meth.groups]
+    if value is None or value == "default":
+        if not groups:
+            return ()
+        largest = largest_group(groups)
+        return tuple((g, m) for g, m in pairs if g == largest and methods[m].boosted)
+    if value == "all":
+        return tuple(pairs)
+    if value == "none":
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config field export: {value!r} is not one of {list(EXPORT_KEYWORDS)} "
+                          "or a list of 'group/method' or method names")
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(value):
+        where = f"config field export[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: {item!r} is not a 'group/method' or method name")
+        group, _, method = item.rpartition("/")
+        if method not in methods:
+            raise ConfigError(f"{where}: unknown method {method!r} (known: {', '.join(methods)})")
+        if group:
+            if group not in groups:
+                raise ConfigError(f"{where}: unknown group {group!r} (known: {', '.join(groups)})")
+            if group not in methods[method].groups:
+                raise ConfigError(f"{where}: method {method!r} is not merged on group {group!r} "
+                                  f"(its groups: {', '.join(methods[method].groups)})")
+        else:
+            if not methods[method].groups:
+                raise ConfigError(f"{where}: method {method!r} is merged on no group")
+            group = largest_group({g: groups[g] for g in methods[method].groups})
+        if (group, method) not in out:
+            out.append((group, method))
+    return tuple(out)
+
+
+# ------------------------------------------------------- merge recipes (submerge merge CLI)
+
+DIAGNOSE_BETA = 0.01  # β of `submerge diagnose` when none is given
+MERGE_RECIPE_KEYS = ("adapter", "arch", "base", "experts", "method", "alpha", "beta", "device",
+                     "output")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_SOURCE_KEYS = ("path", "hub", "url")
+
+
+def parse_source_text(text: str, where: str) -> dict:
+    """A checkpoint source (``io.download.fetch``'s mapping) from its command-line text:
+    ``https://...`` (a URL), a local path (an existing file; a directory: its
+    ``model.safetensors``, ``open_clip_model.safetensors`` or ``pytorch_model.bin``), or a hub
+    file ``org/name[:file][@revision]`` (default file ``model.safetensors``); any of them
+    followed by ``#sha256=<hex>`` pins its sha256."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"config field {where}: expected a checkpoint path, hub id or URL, "
+                          f"got {text!r}")
+    text, _, pin = text.strip().partition("#")
+    source: dict[str, Any] = {}
+    if pin:
+        m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", pin)
+        if m is None:
+            raise ConfigError(f"config field {where}: {pin!r} is not 'sha256=<64 hex digits>'")
+        source["sha256"] = m.group(1).lower()
+    local = Path(text).expanduser()
+    if re.match(r"https?://", text):
+        source["url"] = text
+    elif local.exists() or text.startswith(("/", ".", "~")) or re.search(r"\.(safetensors|bin|pt|pth)$", text):
+        if local.is_dir():
+            found = [local / n for n in ("model.safetensors", "open_clip_model.safetensors",
+                                         "pytorch_model.bin") if (local / n).is_file()]
+            if not found:
+                raise ConfigError(f"config field {where}: directory {local} has no "
+                                  "model.safetensors, open_clip_model.safetensors or pytorch_model.bin")
+            local = found[0]
+        source["path"] = str(local)
+    else:
+        m = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::([^@]+))?(?:@(.+))?", text)
+        if m is None:
+            raise ConfigError(f"config field {where}: {text!r} is neither an existing file, a URL "
+                              "nor a hub id org/name[:file][@revision]")
+        source["hub"] = {"repo": m.group(1), "file": m.group(2) or "model.safetensors"}
+        if m.group(3):
+            source["hub"]["revision"] = m.group(3)
+    return source
+
+
+def _model_spec(value: Any, where: str) -> dict:
+    """``{"source": {...}, "trust_pickle": bool}`` (the pipeline's checkpoint spec) from a
+    source text or a mapping (``{source: ..., trust_pickle: ...}`` or the source itself)."""
+    if isinstance(value, str):
+        return {"source": parse_source_text(value, where)}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config field {where}: expected a checkpoint path, hub id, URL or "
+                          f"{{source: ...}}, got {value!r}")
+    spec = dict(value) if "source" in value else {"source": dict(value)}
+    unknown = set(spec) - {"source", "trust_pickle"}
+    if unknown:
+        raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown checkpoint field "
+                          "(a checkpoint has 'source' and 'trust_pickle')")
+    if isinstance(spec["source"], str):
+        spec["source"] = parse_source_text(spec["source"], f"{where}.source")
+    source = spec["source"]
+    if not isinstance(source, Mapping) or sum(k in source for k in _SOURCE_KEYS) != 1:
+        raise ConfigError(f"config field {where}.source: needs exactly one of {list(_SOURCE_KEYS)}")
+    spec["trust_pickle"] = bool(spec.get("trust_pickle", False))
+    return spec
+
+
+def _expert_name(spec: Mapping) -> str:
+    source = spec["source"]
+    if "path" in source:
+        path = Path(source["path"])
+        stem = path.stem if path.stem not in ("model", "pytorch_model", "open_clip_model") else path.parent.name
+    elif "hub" in source:
+        stem = source["hub"]["repo"].split("/")[-1]
+    else:
+        stem = Path(source["url"].split("?")[0]).stem
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "expert"
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """What ``submerge merge`` / ``submerge diagnose`` merge: a base and experts (checkpoint
+    specs as the pipeline's ``{source, trust_pickle}``), one :class:`Method` (merge function,
+    hyperparameters, LiNeS, boosting), α and β. Given as a YAML file or as flags, both parsed
+    by :func:`parse_merge_recipe`. ``adapter``/``arch`` None: read from the base (a
+    normalised checkpoint's sidecar, or an HF ``config.json``)."""
+
+    base: Mapping
+    experts: Mapping[str, Mapping]
+    method: Method
+    alpha: float | None
+    beta: float | None
+    adapter: str | None = None
+    arch: Mapping | None = None
+    device: str = "auto"
+    output: str | None = None
+
+
+def parse_merge_recipe(cfg: Mapping, *, need_alpha: bool = True) -> MergeRecipe:
+    """The :class:`MergeRecipe` of a merge recipe mapping (keys :data:`MERGE_RECIPE_KEYS`);
+    ConfigError naming the field otherwise. ``method`` is a merge function name or a
+    method as in a pipeline config (``{merge: ties, top_k_percent: 20, lines: {...},
+    boost: {...}}``, parsed by :func:`parse_method`); ``experts`` a mapping name -> checkpoint
+    or a list of checkpoints (named after their files); ``beta`` is required when the
+    method boosts (unless ``boost`` fixes both ``beta_attn`` and ``beta_mlp``)."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"merge recipe: expected a mapping of {list(MERGE_RECIPE_KEYS)}, got {cfg!r}")
+    for key in cfg:
+        if key not in MERGE_RECIPE_KEYS:
+            raise ConfigError(f"config field {key}: unknown (a merge recipe has {list(MERGE_RECIPE_KEYS)})")
+    for key in ("base", "experts", "method"):
+        if cfg.get(key) in (None, "", [], {}):
+            raise ConfigError(f"config field {key}: required")
+    base = _model_spec(cfg["base"], "base")
+    raw_experts = cfg["experts"]
+    experts: dict[str, dict] = {}
+    if isinstance(raw_experts, Mapping):
+        for name, value in raw_experts.items():
+            experts[check_name(name, "experts")] = _model_spec(value, f"experts.{name}")
+    elif isinstance(raw_experts, (list, tuple)):
+        for i, value in enumerate(raw_experts):
+            spec = _model_spec(value, f"experts[{i}]")
+            name, n = _expert_name(spec), 2
+            while name in experts:
+                name, n = f"{_expert_name(spec)}-{n}", n + 1
+            experts[name] = spec
+    else:
+        raise ConfigError("config field experts: expected a list of checkpoints or a mapping "
+                          "name -> checkpoint")
+    method_cfg = cfg["method"]
+    method_cfg = {"merge": method_cfg} if isinstance(method_cfg, str) else method_cfg
+    if not isinstance(method_cfg, Mapping):
+        raise ConfigError(f"config field method: expected a merge function name or a mapping, "
+                          f"got {method_cfg!r}")
+    bad = [k for k in ("alpha", "beta", "groups", "label") if k in method_cfg]
+    if bad:
+        raise ConfigError(f"config field method.{bad[0]}: not part of a merge recipe's method "
+                          f"(give {bad[0]} at the top level)" if bad[0] in ("alpha", "beta")
+                          else f"config field method.{bad[0]}: not part of a merge recipe")
+    alpha = cfg.get("alpha")
+    if alpha is None:
+        if need_alpha:
+            raise ConfigError("config field alpha: required (the scale of the merged task vector)")
+    else:
+        alpha = _finite(alpha, "alpha", lo=0.0, lo_open=True, hi=None)
+    beta = cfg.get("beta")
+    boosted = "boost" in method_cfg
+    if beta is not None:
+        if not boosted:
+            raise ConfigError("config field beta: given without Subspace Boosting (method.boost)")
+        beta = _finite(beta, "beta", lo=0.0, hi=1.0, lo_open=False)
+    grid = {"alpha": [alpha if alpha is not None else 1.0], "beta": [0.0 if beta is None else beta]}
+    try:
+        method = parse_method("merge", dict(method_cfg), grid, [])
+    except ConfigError as exc:  # parse_method names pipeline fields: methods.<name>.<field>
+        raise ConfigError(str(exc).replace("config field methods.merge", "config field method", 1)
+                          .replace("config field grid.", "config field ", 1)) from None
+    if boosted and beta is None:
+        if method.boost.beta_attn is None or method.boost.beta_mlp is None:
+            raise ConfigError("config field beta: required with Subspace Boosting (method.boost), "
+                              "unless boost.beta_attn and boost.beta_mlp are both given")
+        beta = 0.0  # both layer kinds take their fixed β (Boost.betas)
+    adapter = cfg.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise ConfigError(f"config field adapter: expected an adapter name, got {adapter!r}")
+    arch = cfg.get("arch")
+    if isinstance(arch, str):
+        arch = {"model": arch}  # an open_clip model config name
+    elif arch is not None and not isinstance(arch, Mapping):
+        raise ConfigError(f"config field arch: expected an open_clip model name or a mapping, got {arch!r}")
+    device = cfg.get("device", "auto")
+    if not isinstance(device, str) or DEVICE_PATTERN.fullmatch(device) is None:
+        raise ConfigError(f"config field device: {device!r} is not auto, cpu or cuda[:N]")
+    output = cfg.get("output")
+    if output is not None and not isinstance(output, str):
+        raise ConfigError(f"config field output: expected a directory path, got {output!r}")
+    return MergeRecipe(base=base, experts=experts, method=method, alpha=alpha, beta=beta,
+                       adapter=adapter, arch=None if arch is None else dict(arch), device=device,
+                       output=output)

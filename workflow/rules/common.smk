@@ -337,3 +337,22 @@ def all_targets():
         targets.append(f"{R}/selection/selection.csv")
     targets += report_targets()
     return targets
+
+
+# ------------------------------------------------------------- export.smk (merged models)
+
+
+def export_inputs(wildcards):
+    g, m = wildcards.group, wildcards.method
+    return {
+        "base": model_file("base"),
+        "merged": f"{R}/merged/{g}/{m}.h5",
+        "test": f"{R}/test/{g}/{m}.json",
+        "grid": f"{R}/grid/{g}/{m}",
+        "heads": head_files(wildcards),
+        "experts": [f"{R}/models/experts/{e}.safetensors" for e in members(g)],
+    }
+
+
+def export_targets():
+    return [f"{R}/export/{g}/{m}" for g, m in RECIPE.export]

@@ -105,6 +105,43 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``path``; on success it replaces ``path``
+    (a directory) by a rename, on any exception it is removed and ``path`` is left untouched.
+    Leftovers of killed writers (same name pattern as :func:`temporary_name`, ``.dir.tmp``)
+    are removed first when their process is gone."""
+    import shutil
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{glob_escape(final.name)}.tmp-*.dir.tmp"):
+        parsed = parse_temporary_name(old.name)
+        if parsed is not None and parsed["host"] == _host_tag() and not _pid_alive(parsed["pid"]):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = final.parent / temporary_name(final.name, ".dir.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            stale = final.parent / temporary_name(final.name, ".old.dir.tmp")
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(name)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

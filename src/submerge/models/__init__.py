@@ -182,6 +182,21 @@ class Adapter:
                 "it is not a complete tower of this architecture"
             )
 
+    # ------------------------------------------------------------------ export (source format)
+
+    library: str = ""  # the library that loads an exported model (model cards)
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """Write ``module`` (a tower :meth:`build` made from ``arch``, merged weights loaded)
+        into the existing directory ``out_dir`` in the source library's own format, the
+        inverse of :meth:`tower_state_dict`; return the paths written. Callers make it atomic
+        (:func:`submerge.io.atomic.atomic_dir`)."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot export models")
+
+    def load_snippet(self, arch: Mapping) -> str:
+        """Python lines that load what :meth:`save_model` wrote, with the upstream library."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot export models")
+
     # ------------------------------------------------------------------ images (CLIP towers)
 
     def image_size(self, arch: Mapping) -> int:
@@ -306,6 +321,25 @@ def load_zero_shot_state(model: torch.nn.Module, raw: Mapping[str, torch.Tensor]
             f"a CLIPConfig dict with text_config, vision_config and projection_dim): {exc}") from exc
 
 
+# Hugging Face config.json model_type -> adapter (`submerge merge` reading an HF checkpoint)
+_HF_MODEL_TYPES = {"t5": "hf_t5", "clip": "hf_clip_vision", "clip_vision_model": "hf_clip_vision"}
+
+
+def adapter_for_hf_config(config: Mapping) -> str | None:
+    """The adapter of a Hugging Face ``config.json`` (by its ``model_type``), None if none fits."""
+    return _HF_MODEL_TYPES.get(config.get("model_type"))
+
+
+def save_pretrained(module: torch.nn.Module, out_dir) -> list:
+    """A transformers model's ``save_pretrained(out_dir)`` (safetensors); the files written."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    before = set(out.rglob("*"))
+    module.save_pretrained(str(out))
+    return sorted(p for p in out.rglob("*") if p.is_file() and p not in before)
+
+
 def get_adapter(name: str) -> Adapter:
     """The adapter registered under ``name``; ConfigError listing the known ones otherwise."""
     if name not in _ADAPTERS:
@@ -314,5 +348,5 @@ def get_adapter(name: str) -> Adapter:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
-__all__ = ["Adapter", "ComposedImageTransform", "ImageGeometry", "ImageTensor", "ImageTransform", "StateDict",
+__all__ = ["Adapter", "adapter_for_hf_config", "ComposedImageTransform", "ImageGeometry", "ImageTensor", "ImageTransform", "StateDict",
            "get_adapter", "load_tokenizer"]

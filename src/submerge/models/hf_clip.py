@@ -51,7 +51,7 @@ import torch
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.models import (
-    Adapter, ImageGeometry, ImageTensor, StateDict, block_count, load_tokenizer, load_zero_shot_state,
+    Adapter, save_pretrained, ImageGeometry, ImageTensor, StateDict, block_count, load_tokenizer, load_zero_shot_state,
     require_arch_mapping, square_image_size,
 )
 
@@ -183,6 +183,17 @@ class HFCLIPVisionAdapter(Adapter):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.name}: invalid CLIPVisionConfig {fields!r}: {exc}") from exc
         return CLIPVisionModelWithProjection(config).eval()
+
+    library = "transformers"
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which
+        ``CLIPVisionModelWithProjection.from_pretrained`` loads."""
+        return save_pretrained(module, out_dir)
+
+    def load_snippet(self, arch: Mapping) -> str:
+        return ("from transformers import CLIPVisionModelWithProjection\n"
+                "model = CLIPVisionModelWithProjection.from_pretrained(\"<this directory>\")")
 
     def encode(self, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Pixel values ``(B, 3, H, W)`` -> ``image_embeds`` ``(B, projection_dim)``: the pooled

@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 import torch
 
 from submerge.errors import ConfigError
-from submerge.models import Adapter, StateDict, block_count
+from submerge.models import Adapter, StateDict, block_count, save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,17 @@ class HFT5Adapter(Adapter):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.name}: invalid T5Config {dict(arch)!r}: {exc}") from exc
         return T5ForConditionalGeneration(config).eval()
+
+    library = "transformers"
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which
+        ``T5ForConditionalGeneration.from_pretrained`` loads."""
+        return save_pretrained(module, out_dir)
+
+    def load_snippet(self, arch: Mapping) -> str:
+        return ("from transformers import T5ForConditionalGeneration\n"
+                "model = T5ForConditionalGeneration.from_pretrained(\"<this directory>\")")
 
     def encode(self, module: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Token logits ``(B, T_dec, vocab)`` of a batch.

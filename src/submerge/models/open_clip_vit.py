@@ -129,6 +129,41 @@ class OpenClipViTAdapter(Adapter):
         """
         return module(inputs)
 
+    library = "open_clip"
+    EXPORT_FILE = "open_clip_visual.safetensors"
+    EXPORT_CONFIG = "open_clip_config.json"  # explicit (tiny) archs: for open_clip.add_model_config
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """The tower's state dict as safetensors (``open_clip_visual.safetensors``): exactly
+        what ``open_clip.create_model(<arch>).visual.load_state_dict`` takes, strictly; for an
+        explicit arch also ``open_clip_config.json``, an open_clip model config of that tower
+        (:func:`open_clip_config`)."""
+        import json
+        from pathlib import Path
+
+        from submerge.io.atomic import write_text_atomic
+        from submerge.io.checkpoints import _safetensors_ready, save_safetensors
+
+        path = Path(out_dir) / self.EXPORT_FILE
+        save_safetensors(_safetensors_ready(module.state_dict()), path, metadata={"format": "pt"})
+        written = [path]
+        config = open_clip_config(arch)
+        if config is not None:
+            written.append(Path(out_dir) / self.EXPORT_CONFIG)
+            write_text_atomic(written[-1], json.dumps(config, indent=2) + "\n")
+        return written
+
+    def load_snippet(self, arch: Mapping) -> str:
+        if "model" in arch:
+            name = arch["model"]
+            gelu = ", force_quick_gelu=True" if arch.get("quick_gelu") else ""
+            first = "import open_clip, safetensors.torch"
+        else:
+            name, gelu = self.EXPORT_CONFIG.removesuffix(".json"), ""
+            first = f"import open_clip, safetensors.torch; open_clip.add_model_config(\"{self.EXPORT_CONFIG}\")"
+        return (f"{first}\nmodel = open_clip.create_model(\"{name}\"{gelu})\n"
+                f"model.visual.load_state_dict(safetensors.torch.load_file(\"{self.EXPORT_FILE}\"))")
+
     def image_size(self, arch: Mapping) -> int:
         """``arch["image_size"]``, or the ``vision_cfg.image_size`` of open_clip's bundled config
         ``arch["model"]``."""
@@ -175,6 +210,24 @@ class OpenClipViTAdapter(Adapter):
         tokenizer = open_clip.get_tokenizer(arch["model"])
         load_zero_shot_state(model, raw, source)
         return model, tokenizer
+
+
+# the text tower open_clip needs to build a CLIP around an explicit (tiny) image tower; unused
+_TINY_TEXT_CFG = {"context_length": 8, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}
+
+
+def open_clip_config(arch: Mapping) -> dict | None:
+    """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) whose image
+    tower is the explicit ``arch`` (fields of :meth:`OpenClipViTAdapter.build`); None for a
+    named arch (``{"model": ...}``: open_clip ships its config)."""
+    if "model" in arch:
+        return None
+    width, heads = int(arch["width"]), int(arch["heads"])
+    return {"embed_dim": int(arch["output_dim"]), "quick_gelu": bool(arch.get("quick_gelu", False)),
+            "vision_cfg": {"image_size": int(arch["image_size"]), "patch_size": int(arch["patch_size"]),
+                           "width": width, "layers": int(arch["layers"]), "head_width": width // heads,
+                           "mlp_ratio": float(arch["mlp_ratio"])},
+            "text_cfg": dict(_TINY_TEXT_CFG)}
 
 
 class _PILSteps:
