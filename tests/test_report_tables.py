@@ -21,10 +21,10 @@ METHODS = {
     "ta": {"merge": "task_arithmetic"},
     "ta_sb": {"merge": "task_arithmetic", "boost": {}},
     "ties": {"merge": "ties", "top_k_percent": 20},
-    "ta_lines": {"merge": "task_arithmetic", "lines": {"slope": 0.5}},
+    "ta_lines": {"merge": "task_arithmetic", "lines": {"protocol": "fixed_slope", "slope": 0.5}},
     "ta_lines_sb": {
         "merge": "task_arithmetic",
-        "lines": {"slope": 0.5},
+        "lines": {"protocol": "fixed_slope", "slope": 0.5},
         "boost": {},  # {} = boosted
         "label": "Ours",
     },

@@ -17,6 +17,7 @@ function turns them back with ``from_params``. Every default is defined here, on
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from submerge import merges
 from submerge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -36,6 +39,13 @@ DEFAULT_HOGSVD_PI = 1e-2
 BOOST_LAYERS = ("attn", "mlp", "both")
 ATTN_MODES = ("per_qkv", "full", "none")
 LINES_NORM = "norm"  # LiNeS' base scale from the reference's norm ratio
+# LiNeS protocols: "reference" (wang-kee/LiNeS src/eval/eval.py for multi-task merging: the
+# base scale fixed from the norms, LiNeS' β tuned on validation over the method's alpha list,
+# merge coefficient 1.0) or "fixed_slope" (LiNeS' β fixed to `slope`, the pipeline's α tuned)
+LINES_PROTOCOLS = ("reference", "fixed_slope")
+DEFAULT_LINES_PROTOCOL = "reference"
+# the reference's LiNeS β list (np.linspace(0, 1, n_eval_points // 2 + 1)[1:], n_eval_points=21)
+DEFAULT_LINES_SLOPES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Accuracies are compared (and written to scores.csv) at this many significant digits, so that
 # a choice made from the grid files and one made from scores.csv are the same choice.
 SCORE_DIGITS = 6
@@ -137,13 +147,37 @@ def validation_score(accuracy: Mapping[str, float], expert_accuracy: Mapping[str
     return math.fsum(vals) / len(vals)
 
 
+EDGE_MARK = "†"  # a chosen point on the edge of its grid (tables)
+
+
+def grid_edges(point: GridPoint, grid: Iterable[GridPoint]) -> tuple[str, ...]:
+    """The axes ("alpha", "beta") on which ``point`` sits at the edge of ``grid`` (the
+    candidates it was chosen from): its value is the smallest or largest of two or more values
+    on that axis. β = 0 is the end of β's domain (cutoff at the first singular value), not an
+    edge that a wider list could move; the same holds for an α of 0 (a LiNeS β of the
+    reference protocol). Empty: the point is inside the grid on every axis."""
+    points = list(grid)
+    edges = []
+    for axis in ("alpha", "beta"):
+        values = sorted({getattr(p, axis) for p in points if getattr(p, axis) is not None})
+        value = getattr(point, axis)
+        if value is None or len(values) < 2:
+            continue
+        if value == values[-1] or (value == values[0] and value > 0.0):
+            edges.append(axis)
+    return tuple(edges)
+
+
 def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
                  expert_accuracy: Mapping[str, float],
-                 metric: str = DEFAULT_SELECTION_METRIC) -> tuple[GridPoint, float]:
+                 metric: str = DEFAULT_SELECTION_METRIC, *, where: str = "") -> tuple[GridPoint, float]:
     """The (α, β) chosen on validation, with its score: the highest
     :func:`validation_score`; ties go to the smaller α, then the smaller β (no β first).
     ``points``: (grid point, validation accuracy per task). Used for the test evaluation, the
-    expert-selection experiment and every table."""
+    expert-selection experiment and every table. A chosen point on the edge of the grid
+    (:func:`grid_edges`) is logged as a warning (``where``: what was chosen, for the log):
+    the optimum may lie outside the lists."""
+    points = list(points)
     best = None
     for point, accuracy in points:
         score = validation_score(accuracy, expert_accuracy, metric)
@@ -153,6 +187,12 @@ def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
             best = (key, point, score)
     if best is None:
         raise ValueError("no grid points to choose from")
+    edges = grid_edges(best[1], (p for p, _ in points))
+    if edges:
+        log.warning(
+            "%schosen point %s is on the edge of its grid (%s): widen the list%s",
+            f"{where}: " if where else "", best[1].name, ", ".join(edges),
+            "s" if len(edges) > 1 else "")
     return best[1], best[2]
 
 
@@ -202,26 +242,49 @@ class Boost:
 @dataclass(frozen=True)
 class Lines:
     """LiNeS layer scaling: block l of L is scaled by ``scale + slope·l/(L−1)``; ``scale`` is a
-    number or ``"norm"`` (the reference's ‖Σ_t τ_t‖₁ / ‖τ_merged‖₁ / T)."""
+    number or ``"norm"`` (the reference's ‖Σ_t τ_t‖₁ / ‖τ_merged‖₁ / T).
+
+    ``protocol`` (:data:`LINES_PROTOCOLS`): ``"reference"`` (default; wang-kee/LiNeS
+    ``src/eval/eval.py``, multi-task merging) tunes LiNeS' β (``slope``) on validation over the
+    method's ``alpha`` list and merges with coefficient 1.0, so the grid's α *is* LiNeS' β and
+    ``slope`` is not given; ``"fixed_slope"`` fixes ``slope`` and tunes the pipeline's α."""
 
     scale: float | str = LINES_NORM
-    slope: float = 0.5
+    slope: float | None = 0.5
+    protocol: str = "fixed_slope"
 
     @classmethod
     def parse(cls, cfg: Mapping | None, where: str) -> "Lines":
         cfg = dict(cfg or {})
-        unknown = set(cfg) - {"scale", "slope"}
+        unknown = set(cfg) - {"scale", "slope", "protocol"}
         if unknown:
             raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown LiNeS setting "
-                              "(LiNeS takes 'scale' and 'slope')")
+                              "(LiNeS takes 'scale', 'slope' and 'protocol')")
+        protocol = cfg.get("protocol", DEFAULT_LINES_PROTOCOL)
+        if protocol not in LINES_PROTOCOLS:
+            raise ConfigError(f"config field {where}.protocol: {protocol!r} is not one of "
+                              f"{list(LINES_PROTOCOLS)}")
         scale = cfg.get("scale", cls.scale)
         if scale != LINES_NORM:
             scale = _finite(scale, f"{where}.scale", lo=0.0, lo_open=True, hi=None)
+        if protocol == "reference":
+            if cfg.get("slope") is not None:
+                raise ConfigError(f"config field {where}.slope: the reference protocol tunes "
+                                  "LiNeS' β on the method's alpha list; remove 'slope' or set "
+                                  "protocol: fixed_slope")
+            return cls(scale=scale, slope=None, protocol=protocol)
         slope = _finite(cfg.get("slope", cls.slope), f"{where}.slope", lo=0.0, lo_open=False, hi=None)
-        return cls(scale=scale, slope=slope)
+        return cls(scale=scale, slope=slope, protocol=protocol)
+
+    @property
+    def tunes_slope(self) -> bool:
+        """The reference protocol: the grid's α is LiNeS' β, the merge coefficient 1.0."""
+        return self.protocol == "reference"
 
     def to_params(self) -> dict:
-        return {"scale": self.scale, "slope": self.slope}
+        if self.tunes_slope:
+            return {"scale": self.scale, "protocol": self.protocol}
+        return {"scale": self.scale, "slope": self.slope, "protocol": self.protocol}
 
 
 @dataclass(frozen=True)
@@ -317,8 +380,12 @@ def parse_method(name: str, cfg: Mapping, grid: Mapping, groups: Sequence[str]) 
             raise ConfigError(f"config field {where}.groups[{i}]: unknown group {g!r}")
     lines = Lines.parse(cfg["lines"], f"{where}.lines") if "lines" in cfg else None
     boost = Boost.parse(cfg["boost"], f"{where}.boost") if boosted else None
-    alphas = _values(cfg.get("alpha", grid["alpha"]), f"{where}.alpha" if "alpha" in cfg else "grid.alpha",
-                     beta=False)
+    if lines is not None and lines.tunes_slope:  # the α axis is LiNeS' β
+        alphas = _values(cfg.get("alpha", list(DEFAULT_LINES_SLOPES)), f"{where}.alpha",
+                         beta=False)
+    else:
+        alphas = _values(cfg.get("alpha", grid["alpha"]),
+                         f"{where}.alpha" if "alpha" in cfg else "grid.alpha", beta=False)
     betas: tuple[float | None, ...] = (None,)
     if boosted:
         betas = _values(cfg.get("beta", grid["beta"]), f"{where}.beta" if "beta" in cfg else "grid.beta",
