@@ -24,6 +24,7 @@ include: "workflow/rules/spectra.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/selection.smk"
+include: "workflow/rules/table8.smk"
 include: "workflow/rules/report.smk"
 
 

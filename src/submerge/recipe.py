@@ -524,6 +524,74 @@ class SelectionExperiment:
         return cls(**{**params, "pool": tuple(params["pool"]), "ext": tuple(params["ext"])})
 
 
+DEFAULT_TABLE8_BETAS = (0.0, 0.1, 0.2)  # per layer kind, when experiments.table8 gives none
+
+
+@dataclass(frozen=True)
+class Table8Experiment:
+    """Paper Table 8: a β_attn × β_mlp grid of one boosted ``method`` on one ``group`` (default
+    the largest), each pair's α chosen on validation among ``alphas`` (default the method's),
+    the pair chosen on validation, every pair reported on test at its α. The SVD factors of the
+    method's merged cache are reused: only the cutoff changes with β."""
+
+    method: str
+    group: str
+    beta_attn: tuple[float, ...] = DEFAULT_TABLE8_BETAS
+    beta_mlp: tuple[float, ...] = DEFAULT_TABLE8_BETAS
+    alphas: tuple[float, ...] = ()
+
+    def pairs(self) -> list[tuple[float, float]]:
+        """(β_attn, β_mlp), β_mlp outer (the paper's row order: FC layers, then attention)."""
+        return [(a, m) for m in self.beta_mlp for a in self.beta_attn]
+
+    def to_params(self) -> dict:
+        return {"method": self.method, "group": self.group, "beta_attn": list(self.beta_attn),
+                "beta_mlp": list(self.beta_mlp), "alphas": list(self.alphas)}
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "Table8Experiment":
+        return cls(method=params["method"], group=params["group"],
+                   beta_attn=tuple(params["beta_attn"]), beta_mlp=tuple(params["beta_mlp"]),
+                   alphas=tuple(params["alphas"]))
+
+
+def _parse_table8(cfg: Mapping, groups: Mapping[str, Sequence[str]],
+                  methods: Mapping[str, Method]) -> Table8Experiment | None:
+    t8 = (cfg.get("experiments") or {}).get("table8")
+    if not t8:
+        return None
+    where = "experiments.table8"
+    if not isinstance(t8, Mapping):
+        raise ConfigError(f"config field {where}: expected a mapping")
+    unknown = set(t8) - {"method", "group", "beta_attn", "beta_mlp", "alpha"}
+    if unknown:
+        raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown setting (Table 8 "
+                          "takes method, group, beta_attn, beta_mlp, alpha)")
+    name = t8.get("method")
+    if name not in methods:
+        raise ConfigError(f"config field {where}.method: unknown method {name!r} "
+                          f"(known: {', '.join(methods)})")
+    method = methods[name]
+    if method.boost is None or method.boost.layers != "both" or method.boost.attn_mode == "none":
+        raise ConfigError(f"config field {where}.method: {name!r} must boost both layer kinds "
+                          "(boost: {layers: both} and attn_mode per_qkv or full)")
+    if method.boost.beta_attn is not None or method.boost.beta_mlp is not None:
+        raise ConfigError(f"config field {where}.method: {name!r} fixes a kind's β "
+                          "(boost.beta_attn / beta_mlp); Table 8 sets both")
+    largest = max(groups, key=lambda g: len(groups[g]))
+    group = t8.get("group", largest)
+    if group not in groups:
+        raise ConfigError(f"config field {where}.group: unknown group {group!r}")
+    if group not in method.groups:
+        raise ConfigError(f"config field {where}.group: method {name!r} does not run on group "
+                          f"{group!r} (its merged cache is reused; add the group to its groups)")
+    betas = {k: _values(t8.get(k, list(DEFAULT_TABLE8_BETAS)), f"{where}.{k}", beta=True)
+             for k in ("beta_attn", "beta_mlp")}
+    alphas = (_values(t8["alpha"], f"{where}.alpha", beta=False) if "alpha" in t8
+              else method.alphas)
+    return Table8Experiment(method=name, group=group, alphas=alphas, **betas)
+
+
 @dataclass(frozen=True)
 class HOGSVDSettings:
     pi: float = DEFAULT_HOGSVD_PI
@@ -544,6 +612,7 @@ class Recipe:
     hogsvd: HOGSVDSettings
     gpu: bool = True
     save_merged: bool = False
+    table8: Table8Experiment | None = None
 
     @property
     def experts(self) -> list[str]:
@@ -634,7 +703,8 @@ def parse_config(cfg: Mapping) -> Recipe:
     return Recipe(suite=Suite(name=suite_name, adapter=cfg["adapter"], view=suite_view),
                   groups=groups, methods=methods, eval=eval_settings, selection=selection,
                   consensus_lambdas=lambdas, hogsvd=hogsvd, gpu=bool(cfg.get("gpu", True)),
-                  save_merged=bool(cfg.get("save_merged", False)))
+                  save_merged=bool(cfg.get("save_merged", False)),
+                  table8=_parse_table8(cfg, groups, methods))
 
 
 def _check_downloaded_expert(cfg: Mapping, name: str, spec: Mapping) -> None:

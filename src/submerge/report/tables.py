@@ -761,3 +761,39 @@ def write_table(
     write_text_atomic(paths[2], to_latex(df, decimals, caption, label))
     log.info("wrote table %s.{csv,md,tex} (%d rows)", stem, len(df))
     return paths
+
+
+# ------------------------------------------------------------------------ Table 8 (β per kind)
+
+
+def kind_beta_grid(table8: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
+    """Paper Table 8: rows (β MLP, β attn) of ``experiments.table8``
+    (:func:`submerge.stages.beta_grid.run_table8`'s CSV), columns α (chosen on validation for
+    the pair), the validation score (%), validation and test accuracy (%) at that α, and
+    "chosen" (✓ for the pair chosen on validation). A chosen value on the edge of its list is
+    marked † (:data:`submerge.recipe.EDGE_MARK`)."""
+    from submerge.recipe import EDGE_MARK
+
+    require_columns(table8, ("beta_attn", "beta_mlp", "alpha", "split", "task", "accuracy",
+                             "val_score", "chosen", "edge"), "table8")
+    if table8.empty:
+        raise ValueError("table8 frame is empty: nothing to tabulate")
+    data = {}
+    edge_col = table8["edge"].fillna("").astype(str)
+    for (mlp, attn), sub in table8.groupby(["beta_mlp", "beta_attn"], sort=True):
+        test = sub.loc[sub["split"] == "test"]
+        alpha = float(test["alpha"].iloc[0])
+        val = sub.loc[(sub["split"] == "val") & np.isclose(sub["alpha"], alpha)]
+        edges = set(filter(None, edge_col.loc[sub.index].iloc[0].split("+")))
+        chosen = bool(str(sub["chosen"].iloc[0]).lower() == "true")
+        data[(float(mlp), float(attn))] = {
+            "α": f"{alpha:g}" + (EDGE_MARK if "alpha" in edges else ""),
+            "val score": 100.0 * float(sub["val_score"].iloc[0]),
+            "val": 100.0 * float(val["accuracy"].mean()),
+            "test": 100.0 * float(test["accuracy"].mean()),
+            "chosen": ("✓" + (EDGE_MARK if edges & {"beta_attn", "beta_mlp"} else ""))
+            if chosen else NA,
+        }
+    frame = pd.DataFrame.from_dict(data, orient="index", dtype=object)
+    frame.index = pd.MultiIndex.from_tuples(list(data), names=["β MLP", "β attn"])
+    return frame

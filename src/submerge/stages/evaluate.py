@@ -54,6 +54,14 @@ class Sweep:
         self._deltas: dict = {}
         self.lines_scale = None  # LiNeS' scale from the merged cache (reference protocol)
 
+    def share_loaded(self, other: "Sweep") -> None:
+        """Use ``other``'s loaded base, merged cache and data (same group and merged cache;
+        Table 8 evaluates several per-kind β variants of one method from one load)."""
+        if (other.merged_path, other.experts) != (self.merged_path, self.experts):
+            raise ValueError("share_loaded: sweeps of different merged caches or groups")
+        self._loaded = other._load()
+        self.lines_scale = other.lines_scale
+
     def code(self) -> dict:
         """The code version that computes this job's evaluations (git commit, package hash)."""
         if self._code is None:
