@@ -344,7 +344,7 @@ def test_expert_selection():
                 dict(setting=setting, draw=d, split="val", task="p1", task_set="pool", accuracy=0.0)
             )
     table = T.expert_selection(pd.DataFrame(rows))
-    assert list(table.index) == ["Random (3 draws)", "HO-GSVD (1 draw)"]
+    assert list(table.index) == ["Random (3 draws)", "HO-GSVD (1 draw)", "HO-GSVD − Random"]
     pool_means = [100 * (p + p + 0.02) / 2 for p, _ in accs["random"].values()]
     assert table.loc["Random (3 draws)", ("Pool", "mean")] == pytest.approx(
         statistics.mean(pool_means)
@@ -356,6 +356,12 @@ def test_expert_selection():
     assert table.loc["Random (3 draws)", ("Ext", "std")] == pytest.approx(statistics.stdev(ext))
     assert table.loc["HO-GSVD (1 draw)", ("Pool", "mean")] == pytest.approx(81.0)
     assert table.loc["HO-GSVD (1 draw)", ("Pool", "std")] == T.NA
+    # 95% t-interval over the 3 draws: t_{0.975,2} = 4.303
+    half = 4.303 * statistics.stdev(pool_means) / math.sqrt(3)
+    assert table.loc["Random (3 draws)", ("Pool", "±95% CI")] == pytest.approx(half)
+    diff = table.loc["HO-GSVD − Random"]
+    assert diff[("Pool", "mean")] == pytest.approx(81.0 - statistics.mean(pool_means))
+    assert diff[("Pool", "±95% CI")] == pytest.approx(half)
 
 
 def test_timing_table(tmp_path):

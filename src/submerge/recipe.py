@@ -503,6 +503,9 @@ class SelectionExperiment:
     draws: int = 10
     seed: int = 0
     strategy: str = "greedy"
+    # weight of the alignment among the chosen candidates in the objective; 0: alignment with
+    # the pool only, the paper's Table 5 wording ("minimize interference with the Pool")
+    within_weight: float = 0.0
 
     def runs(self) -> list[str]:
         """One job each: ``hogsvd-0`` (the HO-GSVD choice), then ``random-0`` … ``random-<draws-1>``."""
@@ -517,7 +520,7 @@ class SelectionExperiment:
     def to_params(self) -> dict:
         return {"universe": self.universe, "pool": list(self.pool), "ext": list(self.ext),
                 "n_select": self.n_select, "method": self.method, "draws": self.draws,
-                "seed": self.seed, "strategy": self.strategy}
+                "seed": self.seed, "strategy": self.strategy, "within_weight": self.within_weight}
 
     @classmethod
     def from_params(cls, params: Mapping) -> "SelectionExperiment":
@@ -752,4 +755,7 @@ def _parse_selection(cfg: Mapping, groups: Mapping, methods: Mapping[str, Method
     return SelectionExperiment(universe=sel["universe"], pool=tuple(sel["pool"]),
                                ext=tuple(sel.get("ext", [])), n_select=int(sel["n_select"]),
                                method=sel["method"], draws=int(sel.get("draws", 10)),
-                               seed=int(sel.get("seed", 0)), strategy=sel.get("strategy", "greedy"))
+                               seed=int(sel.get("seed", 0)), strategy=sel.get("strategy", "greedy"),
+                               within_weight=_finite(sel.get("within_weight", 0.0),
+                                                     "experiments.selection.within_weight",
+                                                     lo=0.0, lo_open=False, hi=None))

@@ -493,12 +493,32 @@ def per_task_accuracy(
     return table
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_half_width(values: Sequence[float]) -> float:
+    """Half-width of the two-sided 95% t-interval of the mean of ``values`` (n ≥ 2):
+    ``t_{0.975, n-1} · s / √n`` with the sample standard deviation ``s``."""
+    n = len(values)
+    if n < 2:
+        raise ValueError("a confidence interval needs at least two values")
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+
+
 def expert_selection(selection: pd.DataFrame, recipe: Recipe | None = None, *,
                      split: str = "test") -> pd.DataFrame:
     """Paper Tables 5/10: rows Random / HO-GSVD (with the number of draws), columns
-    (Pool | Ext | All, mean | std): per draw the mean accuracy (%) over the task set's
-    tasks, then mean and sample std over draws ("" for a single draw). The recipe is not
-    needed (the registry's calling convention passes it)."""
+    (Pool | Ext | All, mean | std | ±95% CI): per draw the mean accuracy (%) over the task
+    set's tasks, then mean, sample std and the half-width of the 95% t-interval of the mean
+    over draws ("" for a single draw); with both settings a row "HO-GSVD − Random" (the
+    difference of the means, with the random mean's CI: the HO-GSVD choice is one
+    deterministic selection). The recipe is not needed (the registry's calling convention
+    passes it)."""
     require_columns(selection, SELECTION_COLUMNS, "selection")
     sub = selection.loc[selection["split"] == split]
     per_draw = (
@@ -525,7 +545,22 @@ def expert_selection(selection: pd.DataFrame, recipe: Recipe | None = None, *,
             data[label][(TASK_SETS.get(t, t), "std")] = (
                 float(vals.std(ddof=1)) if len(vals) > 1 else (NA if len(vals) else math.nan)
             )
-    columns = [(TASK_SETS.get(t, t), stat) for t in sets for stat in ("mean", "std")]
+            data[label][(TASK_SETS.get(t, t), "±95% CI")] = (
+                t_half_width(vals.tolist()) if len(vals) > 1 else (NA if len(vals) else math.nan)
+            )
+    if "hogsvd" in settings and "random" in settings:
+        # the HO-GSVD choice minus the random mean; the CI is that of the random mean (the
+        # HO-GSVD choice is one deterministic selection)
+        rand = next(k for k in data if k.startswith(SELECTION_SETTINGS["random"]))
+        hog = next(k for k in data if k.startswith(SELECTION_SETTINGS["hogsvd"]))
+        diff = {}
+        for t in sets:
+            name = TASK_SETS.get(t, t)
+            diff[(name, "mean")] = data[hog][(name, "mean")] - data[rand][(name, "mean")]
+            diff[(name, "std")] = NA
+            diff[(name, "±95% CI")] = data[rand][(name, "±95% CI")]
+        data["HO-GSVD − Random"] = diff
+    columns = [(TASK_SETS.get(t, t), stat) for t in sets for stat in ("mean", "std", "±95% CI")]
     table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
     table = table.reindex(columns=pd.MultiIndex.from_tuples(columns) if columns else None)
     table.index.name = "Selection"

@@ -37,7 +37,8 @@ def picked_experts(universe: Sequence[str], experiment: SelectionExperiment, run
                              f"{list(universe)}; delete it and rerun (rule hogsvd)")
         align = alignment_matrix([e.sigma for e in cache.entries])
         picked = select_experts(align, pool, candidates, experiment.n_select,
-                                strategy=experiment.strategy)
+                                strategy=experiment.strategy,
+                                within_weight=experiment.within_weight)
     else:
         picked = random_selection(candidates, experiment.n_select, experiment.draws,
                                   experiment.seed)[draw]
