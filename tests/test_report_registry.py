@@ -85,7 +85,7 @@ def test_rule_files_come_from_the_registry():
         "scores": ["scores.x"], "selection": [], "benchmarks": ["benchmarks.x"],
         "table8": ["table8.x"]}
     assert list(registry.rule_inputs(registry.FIGURES, files)) == [
-        "scores", "spectra_summary", "singular_values", "hogsvd_summary"]
+        "scores", "spectra_summary", "singular_values", "hogsvd_summary", "decay_summary"]
 
 
 # ----------------------------------------------------------------- the jobs, without torch
@@ -158,6 +158,15 @@ def _inputs(root: Path, with_selection: bool) -> dict[str, list[str]]:
                        "merged": np.exp(rng.normal(0, 1, 16)).tolist()}}))
     files["hogsvd_summary"] = [str(hog)]
     files["table8"] = []  # not configured: the table is a note
+    decay = root / "decay_summary.json"
+    decay.write_text(json.dumps({
+        "group": "g3", "experts": GROUPS["g3"], "threshold": 2.0, "n": list(range(1, n + 1)),
+        "common_fraction": 0.5,
+        "matrices": [{"key": "k", "row_block": 0, "kind": "mlp", "n_common": 2, "n_directions": 4,
+                      "common_fro": [1.0] * n, "unique_fro": [1 / (i + 1) ** 0.5 for i in range(n)]}],
+        "spectra": {"key": "k", "row_block": 0, "n": [1, 2], "common_sv": [[2.0, 1.0], [2.0, 1.0]],
+                    "unique_sv": [[1.0, 0.5], [0.7, 0.3]]}}))
+    files["decay_summary"] = [str(decay)]
     return files
 
 

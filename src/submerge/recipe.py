@@ -36,6 +36,9 @@ DEFAULT_SELECTION_METRIC = "normalized"
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_CONSENSUS_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_HOGSVD_PI = 1e-2
+# Proposition 1 figure: a shared HO-GSVD direction is common when every pair of experts' σ lies
+# within this factor (Eq. 6, submerge.hogsvd.common_unique_split)
+DEFAULT_DECAY_THRESHOLD = 2.0
 BOOST_LAYERS = ("attn", "mlp", "both")
 ATTN_MODES = ("per_qkv", "full", "none")
 LINES_NORM = "norm"  # LiNeS' base scale from the reference's norm ratio

@@ -19,6 +19,7 @@ REPORT_INPUTS = {
     "singular_values": [f"{SUMMARIES}/singular_values.csv"],
     "hogsvd_summary": [f"{SUMMARIES}/hogsvd_summary.json"],
     "table8": [T8_FILE] if RECIPE.table8 else [],
+    "decay_summary": [f"{SUMMARIES}/decay_summary.json"],
 }
 # every table and figure file (all_targets() in common.smk)
 report_targets = functools.partial(REPORT.target_files, R)

@@ -62,6 +62,7 @@ LOADERS: dict[str, Callable[[Sequence[PathLike], Recipe], Any]] = {
     "singular_values": _csv,
     "hogsvd_summary": _json,
     "table8": _csv,
+    "decay_summary": _json,
 }
 
 

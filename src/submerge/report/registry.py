@@ -54,6 +54,9 @@ INPUTS: dict[str, Input] = {
         Input("table8", "results/{suite}/experiments/table8.csv: the β_attn × β_mlp grid "
                         "(pandas frame, submerge.stages.beta_grid.COLUMNS)",
               absent="experiments.table8 not configured"),
+        Input("decay_summary", "results/{suite}/summaries/decay_summary.json: common and "
+                               "unique parts of the mean of N task vectors (dict, "
+                               "submerge.stages.decay.decay_summary)"),
     )
 }
 
@@ -190,3 +193,4 @@ _figure("accuracy_vs_experts", "accuracy_vs_experts", ("scores",))
 _figure("alpha_beta_heatmap", "alpha_beta_heatmap", ("scores",))
 _figure("alignment_matrix", "alignment_heatmap", ("hogsvd_summary",))
 _figure("subspace_importance", "subspace_importance", ("hogsvd_summary",))
+_figure("proposition1", "proposition1", ("decay_summary",))
