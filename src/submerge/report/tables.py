@@ -287,6 +287,49 @@ def _lookup(summary: pd.DataFrame, group: str, method: str, col: str) -> float:
     return float(hit.iloc[0]) if len(hit) else math.nan
 
 
+def edge_points(scores: pd.DataFrame, methods: Methods) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(group, method) -> the axes on which its test point (chosen on validation) sits at the
+    edge of the method's grid (:func:`submerge.recipe.grid_edges`); only those on an edge."""
+    from submerge.recipe import grid_edges
+
+    test = grid_summary(scores, "test")
+    out = {}
+    for row in test.itertuples(index=False):
+        if row.method not in methods:
+            continue
+        edges = grid_edges(GridPoint(float(row.alpha), _beta(row.beta)),
+                           methods[row.method].grid())
+        if edges:
+            out[(row.group, row.method)] = edges
+    return out
+
+
+def method_notes(methods: Methods, names: Sequence[str], edges: Mapping) -> list[str]:
+    """Footnotes of a table: the LiNeS protocol of each LiNeS method among ``names`` and, if any
+    cell is marked, what † means."""
+    from submerge.recipe import EDGE_MARK
+
+    notes = []
+    labels = method_labels(methods)
+    for m in names:
+        lines = methods[m].lines if m in methods else None
+        if lines is None:
+            continue
+        if lines.tunes_slope:
+            notes.append(f"{labels[m]}: LiNeS reference protocol (wang-kee/LiNeS): scale "
+                         f"{lines.scale} (‖Σ τ‖₁/‖τ_merged‖₁/T for 'norm'), LiNeS β tuned on "
+                         "validation as the grid's α, merge coefficient 1.0.")
+        else:
+            notes.append(f"{labels[m]}: LiNeS fixed-slope protocol: scale {lines.scale}, "
+                         f"slope {lines.slope:g}, merge coefficient α tuned on validation.")
+    if edges:
+        notes.append(f"{EDGE_MARK} the α or β chosen on validation is on the edge of its list "
+                     "(the optimum may lie outside it): "
+                     + "; ".join(f"{labels.get(m, m)} on {g} ({', '.join(ax)})"
+                                 for (g, m), ax in edges.items()) + ".")
+    return notes
+
+
 def _summary_table(
     scores: pd.DataFrame,
     methods: Methods,
@@ -325,6 +368,10 @@ def _summary_table(
                 data[r][(g, names[k])] = float(hit.iloc[0]) if len(hit) else math.nan
                 if deltas:
                     data[r][(g, "Δ" + names[k])] = NA
+    from submerge.recipe import EDGE_MARK
+
+    present = [m for _, m in rows if m is not None]
+    edges = {k: v for k, v in edge_points(scores, methods).items() if k[1] in present}
     for label, m in rows:
         data[label] = {}
         base = base_method(m, methods) if m is not None else None
@@ -333,6 +380,8 @@ def _summary_table(
         for g in order:
             for k in metrics:
                 v = _lookup(summary, g, m, k) if m is not None else math.nan
+                if (g, m) in edges and not math.isnan(v):
+                    v = Marked(v, EDGE_MARK)
                 data[label][(g, names[k])] = v
                 if deltas:
                     if m is None or base is None:  # no boosting, or no base to compare
@@ -342,6 +391,11 @@ def _summary_table(
     table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
     table = table.reindex(columns=pd.MultiIndex.from_tuples(cols))
     table.index.name = "Method"
+    for label, row in data.items():  # the frame's constructor drops the float subclass
+        for col, v in row.items():
+            if isinstance(v, Marked):
+                table.at[label, col] = v
+    table.attrs["notes"] = method_notes(methods, present, edges)
     return table
 
 
@@ -597,6 +651,18 @@ def timing_table(timing: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
 # -------------------------------------------------------------------------------- writer
 
 
+class Marked(float):
+    """A number shown with a mark after it in Markdown and LaTeX (e.g. † for a chosen point on
+    the edge of its grid); the CSV keeps the plain number."""
+
+    mark: str = ""
+
+    def __new__(cls, value: float, mark: str):
+        obj = super().__new__(cls, value)
+        obj.mark = mark
+        return obj
+
+
 def _is_gap(v: Any) -> bool:
     return v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v))
 
@@ -608,11 +674,15 @@ def _index_text(v: Any) -> str:
     return format_cell(v, 2, gap="")
 
 
-def format_cell(v: Any, decimals: int, *, signed: bool = False, gap: str = GAP) -> str:
+def format_cell(v: Any, decimals: int, *, signed: bool = False, gap: str = GAP,
+                marks: bool = True) -> str:
     """Deterministic text of one cell: fixed decimals, "+" for signed columns, no "-0.0",
-    ``gap`` for NaN/None, strings as they are."""
+    ``gap`` for NaN/None, strings as they are; a :class:`Marked` number with its mark
+    (``marks``)."""
     if _is_gap(v):
         return gap
+    if isinstance(v, Marked):
+        return format_cell(float(v), decimals, signed=signed, gap=gap) + (v.mark if marks else "")
     if isinstance(v, (bool, np.bool_)) or isinstance(v, str):
         return str(v)
     if isinstance(v, (int, np.integer)):
@@ -660,12 +730,13 @@ def _index_rows(df: pd.DataFrame, sparse: bool) -> tuple[list[str], list[list[st
     return names, rows
 
 
-def _cells(df: pd.DataFrame, decimals, gap: str) -> list[list[str]]:
+def _cells(df: pd.DataFrame, decimals, gap: str, marks: bool = True) -> list[list[str]]:
     out = []
     for _, row in df.iterrows():
         out.append(
             [
-                format_cell(v, _decimals_for(c, decimals), signed=_leaf(c).startswith("Δ"), gap=gap)
+                format_cell(v, _decimals_for(c, decimals), signed=_leaf(c).startswith("Δ"), gap=gap,
+                            marks=marks)
                 for c, v in zip(df.columns, row.tolist())
             ]
         )
@@ -679,7 +750,7 @@ def to_csv_text(df: pd.DataFrame) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(names + [_header(c) for c in df.columns])
-    for i, cells in zip(idx, _cells(df, CSV_DECIMALS, gap="")):
+    for i, cells in zip(idx, _cells(df, CSV_DECIMALS, gap="", marks=False)):
         writer.writerow(i + cells)
     return buf.getvalue()
 
@@ -700,6 +771,9 @@ def to_markdown(
     lines.append("|" + "|".join(align) + "|")
     for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
         lines.append("| " + " | ".join(_md_escape(c) for c in i + cells) + " |")
+    notes = df.attrs.get("notes") or []
+    if notes:
+        lines += [""] + [_md_escape(n) + "  " for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -717,6 +791,7 @@ _TEX_SPECIAL = {
     "Δ": r"$\Delta$",
     "±": r"$\pm$",
     "—": "---",
+    "†": r"$\dagger$",
     "α": r"$\alpha$",
     "β": r"$\beta$",
     "γ": r"$\gamma$",
@@ -764,6 +839,8 @@ def to_latex(
     for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
         lines.append(" & ".join(tex_escape(c) for c in i + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    for note in df.attrs.get("notes") or []:
+        lines.append(r"\par\footnotesize " + tex_escape(note))
     if caption or label:
         inner = [r"\begin{table}[t]", r"\centering"]
         if caption:
