@@ -31,6 +31,11 @@ def test_choose_point_warns_on_the_edge(caplog):
     with caplog.at_level(logging.WARNING, logger="submerge.recipe"):
         choose_point(acc.items(), expert)
     assert "edge" not in caplog.text
+    # a choice over part of a grid (the best α of one β) does not warn when told so
+    acc = {p: {"t": 0.5 + (0.1 if p == GridPoint(0.4, 0.2) else 0.0)} for p in GRID}
+    with caplog.at_level(logging.WARNING, logger="submerge.recipe"):
+        point, _ = choose_point(acc.items(), expert, warn_edges=False)
+    assert point == GridPoint(0.4, 0.2) and "edge" not in caplog.text
 
 
 def test_tables_mark_edge_points_and_name_the_lines_protocol():

@@ -173,12 +173,14 @@ def grid_edges(point: GridPoint, grid: Iterable[GridPoint]) -> tuple[str, ...]:
 
 def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
                  expert_accuracy: Mapping[str, float],
-                 metric: str = DEFAULT_SELECTION_METRIC, *, where: str = "") -> tuple[GridPoint, float]:
+                 metric: str = DEFAULT_SELECTION_METRIC, *, where: str = "",
+                 warn_edges: bool = True) -> tuple[GridPoint, float]:
     """The (α, β) chosen on validation, with its score: the highest
     :func:`validation_score`; ties go to the smaller α, then the smaller β (no β first).
     ``points``: (grid point, validation accuracy per task). Used for the test evaluation, the
     expert-selection experiment and every table. A chosen point on the edge of the grid
-    (:func:`grid_edges`) is logged as a warning (``where``: what was chosen, for the log):
+    (:func:`grid_edges`) is logged as a warning (``where``: what was chosen, for the log;
+    ``warn_edges=False`` for a choice over part of a grid, e.g. the best α of each β):
     the optimum may lie outside the lists."""
     points = list(points)
     best = None
@@ -190,7 +192,7 @@ def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
             best = (key, point, score)
     if best is None:
         raise ValueError("no grid points to choose from")
-    edges = grid_edges(best[1], (p for p, _ in points))
+    edges = grid_edges(best[1], (p for p, _ in points)) if warn_edges else ()
     if edges:
         log.warning(
             "%schosen point %s is on the edge of its grid (%s): widen the list%s",

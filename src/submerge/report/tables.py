@@ -271,7 +271,7 @@ def best_on_val(scores: pd.DataFrame, metric: str,
         candidates = {GridPoint(float(r.alpha), _beta(r.beta)): i
                       for i, r in zip(sub.index, sub.itertuples(index=False))}
         point, score = choose_point(((p, accuracy[(group, method, p)]) for p in candidates),
-                                    expert[group], metric)
+                                    expert[group], metric, warn_edges="beta" not in by)
         rows.append(candidates[point])
         scores_.append(score)
     out = complete.loc[rows].copy()
