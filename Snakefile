@@ -28,6 +28,8 @@ include: "workflow/rules/spectra.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/selection.smk"
+include: "workflow/rules/table8.smk"
+include: "workflow/rules/decay.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
 

@@ -96,6 +96,23 @@ def run_single_process(cfg: dict, workdir: Path) -> float:
     inputs.update(spectra_summary=[f"{R}/summaries/spectra_summary.csv"],
                   singular_values=[f"{R}/summaries/singular_values.csv"],
                   hogsvd_summary=[f"{R}/summaries/hogsvd_summary.json"])
+    if recipe.table8:  # rule table8
+        from submerge.stages import beta_grid
+
+        t8 = recipe.table8
+        mem = recipe.members(t8.group)
+        beta_grid.run_table8(view(*mem), mem, recipe.methods[t8.method], t8, base,
+                             f"{R}/merged/{t8.group}/{t8.method}.h5",
+                             [f"{R}/heads/{e}.safetensors" for e in mem],
+                             [f"{R}/reference/{e}.json" for e in mem],
+                             f"{R}/experiments/table8.csv", recipe.eval, f"{R}/cache/points")
+        inputs["table8"] = [f"{R}/experiments/table8.csv"]
+    from submerge.recipe import DEFAULT_DECAY_THRESHOLD
+    from submerge.stages import decay  # rule decay_summary
+
+    decay.decay_summary(f"{R}/hogsvd/{big}.h5", tvs[big], big,
+                        f"{R}/summaries/decay_summary.json", DEFAULT_DECAY_THRESHOLD)
+    inputs["decay_summary"] = [f"{R}/summaries/decay_summary.json"]
     build_tables(inputs, recipe, f"{R}/tables", config=cfg)
     build_figures(inputs, recipe, f"{R}/figures", config=cfg)
     return time.perf_counter() - start

@@ -89,9 +89,10 @@ def test_rule_files_come_from_the_registry():
     assert targets[: len(outputs)] == outputs and len(set(targets)) == len(targets)
     files = {name: [f"{name}.x"] for name in registry.INPUTS} | {"selection": []}
     assert registry.rule_inputs(registry.TABLES, files) == {
-        "scores": ["scores.x"], "selection": [], "benchmarks": ["benchmarks.x"]}
+        "scores": ["scores.x"], "selection": [], "benchmarks": ["benchmarks.x"],
+        "table8": ["table8.x"]}
     assert list(registry.rule_inputs(registry.FIGURES, files)) == [
-        "scores", "spectra_summary", "singular_values", "hogsvd_summary"]
+        "scores", "spectra_summary", "singular_values", "hogsvd_summary", "decay_summary"]
 
 
 # ----------------------------------------------------------------- the jobs, without torch
@@ -163,6 +164,16 @@ def _inputs(root: Path, with_selection: bool) -> dict[str, list[str]]:
                        "sigma": np.exp(rng.normal(0, 1, (n, 16))).tolist(),
                        "merged": np.exp(rng.normal(0, 1, 16)).tolist()}}))
     files["hogsvd_summary"] = [str(hog)]
+    files["table8"] = []  # not configured: the table is a note
+    decay = root / "decay_summary.json"
+    decay.write_text(json.dumps({
+        "group": "g3", "experts": GROUPS["g3"], "threshold": 2.0, "n": list(range(1, n + 1)),
+        "common_fraction": 0.5,
+        "matrices": [{"key": "k", "row_block": 0, "kind": "mlp", "n_common": 2, "n_directions": 4,
+                      "common_fro": [1.0] * n, "unique_fro": [1 / (i + 1) ** 0.5 for i in range(n)]}],
+        "spectra": {"key": "k", "row_block": 0, "n": [1, 2], "common_sv": [[2.0, 1.0], [2.0, 1.0]],
+                    "unique_sv": [[1.0, 0.5], [0.7, 0.3]]}}))
+    files["decay_summary"] = [str(decay)]
     return files
 
 
@@ -215,7 +226,7 @@ def test_report_jobs_write_the_declared_files_without_torch(tmp_path, with_selec
     assert timing.loc[0, "g2 Time (s)"] == pytest.approx(1.25)
     selection = pd.read_csv(tables_dir / "expert_selection.csv")
     if with_selection:
-        assert list(selection["Selection"]) == ["Random (2 draws)", "HO-GSVD (1 draw)"]
+        assert list(selection["Selection"]) == ["Random (2 draws)", "HO-GSVD (1 draw)", "HO-GSVD − Random"]
     else:
         assert list(selection.columns) == ["note"]
         assert "experiments.selection not configured" in selection.loc[0, "note"]

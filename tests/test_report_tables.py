@@ -22,10 +22,10 @@ METHODS = {
     "ta": {"merge": "task_arithmetic"},
     "ta_sb": {"merge": "task_arithmetic", "boost": {}},
     "ties": {"merge": "ties", "top_k_percent": 20},
-    "ta_lines": {"merge": "task_arithmetic", "lines": {"slope": 0.5}},
+    "ta_lines": {"merge": "task_arithmetic", "lines": {"protocol": "fixed_slope", "slope": 0.5}},
     "ta_lines_sb": {
         "merge": "task_arithmetic",
-        "lines": {"slope": 0.5},
+        "lines": {"protocol": "fixed_slope", "slope": 0.5},
         "boost": {},  # {} = boosted
         "label": "Ours",
     },
@@ -345,7 +345,7 @@ def test_expert_selection():
                 dict(setting=setting, draw=d, split="val", task="p1", task_set="pool", accuracy=0.0)
             )
     table = T.expert_selection(pd.DataFrame(rows))
-    assert list(table.index) == ["Random (3 draws)", "HO-GSVD (1 draw)"]
+    assert list(table.index) == ["Random (3 draws)", "HO-GSVD (1 draw)", "HO-GSVD − Random"]
     pool_means = [100 * (p + p + 0.02) / 2 for p, _ in accs["random"].values()]
     assert table.loc["Random (3 draws)", ("Pool", "mean")] == pytest.approx(
         statistics.mean(pool_means)
@@ -357,6 +357,12 @@ def test_expert_selection():
     assert table.loc["Random (3 draws)", ("Ext", "std")] == pytest.approx(statistics.stdev(ext))
     assert table.loc["HO-GSVD (1 draw)", ("Pool", "mean")] == pytest.approx(81.0)
     assert table.loc["HO-GSVD (1 draw)", ("Pool", "std")] == T.NA
+    # 95% t-interval over the 3 draws: t_{0.975,2} = 4.303
+    half = 4.303 * statistics.stdev(pool_means) / math.sqrt(3)
+    assert table.loc["Random (3 draws)", ("Pool", "±95% CI")] == pytest.approx(half)
+    diff = table.loc["HO-GSVD − Random"]
+    assert diff[("Pool", "mean")] == pytest.approx(81.0 - statistics.mean(pool_means))
+    assert diff[("Pool", "±95% CI")] == pytest.approx(half)
 
 
 def test_timing_table(tmp_path):
@@ -424,7 +430,9 @@ def test_write_table_formats(tmp_path, scores):
     assert len(body) == len(table)
     assert all(line.count("&") == len(table.columns) for line in body)
     md = paths[1].read_text().splitlines()
-    assert md[2].startswith("| Method | small Acc") and len(md) == 4 + len(table)
+    notes = table.attrs.get("notes") or []  # footnotes after a blank line
+    assert md[2].startswith("| Method | small Acc")
+    assert len(md) == 4 + len(table) + (1 + len(notes) if notes else 0)
     with open(paths[0], newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0][:3] == ["Method", "small Acc", "small Norm"]

@@ -150,6 +150,8 @@ def test_adding_an_expert_reruns_only_what_depends_on_it(copy_of_run):
         ("scores", f"{R}/scores.csv"),
         # g3 is the largest group: its HO-GSVD summary feeds the alignment figures
         ("hogsvd_summary", f"{R}/summaries/hogsvd_summary.json"),
+        # and the Proposition 1 figure
+        ("decay_summary", f"{R}/summaries/decay_summary.json"),
     } | _sweeps(["g3"], ["ta", "ta_sb"])
     assert jobs == expected | REPORT_JOBS | EXPORT_JOBS
     # only g3's points: 2 alphas for ta, 2 alphas x 1 beta for ta_sb; and their test points

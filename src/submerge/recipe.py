@@ -17,6 +17,7 @@ function turns them back with ``from_params``. Every default is defined here, on
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from submerge import merges
 from submerge.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 # ----------------------------------------------------------------------------- defaults
 
 SELECTION_METRICS = ("normalized", "absolute")
@@ -33,9 +36,19 @@ DEFAULT_SELECTION_METRIC = "normalized"
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_CONSENSUS_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_HOGSVD_PI = 1e-2
+# Proposition 1 figure: a shared HO-GSVD direction is common when every pair of experts' σ lies
+# within this factor (Eq. 6, submerge.hogsvd.common_unique_split)
+DEFAULT_DECAY_THRESHOLD = 2.0
 BOOST_LAYERS = ("attn", "mlp", "both")
 ATTN_MODES = ("per_qkv", "full", "none")
 LINES_NORM = "norm"  # LiNeS' base scale from the reference's norm ratio
+# LiNeS protocols: "reference" (wang-kee/LiNeS src/eval/eval.py for multi-task merging: the
+# base scale fixed from the norms, LiNeS' β tuned on validation over the method's alpha list,
+# merge coefficient 1.0) or "fixed_slope" (LiNeS' β fixed to `slope`, the pipeline's α tuned)
+LINES_PROTOCOLS = ("reference", "fixed_slope")
+DEFAULT_LINES_PROTOCOL = "reference"
+# the reference's LiNeS β list (np.linspace(0, 1, n_eval_points // 2 + 1)[1:], n_eval_points=21)
+DEFAULT_LINES_SLOPES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Accuracies are compared (and written to scores.csv) at this many significant digits, so that
 # a choice made from the grid files and one made from scores.csv are the same choice.
 SCORE_DIGITS = 6
@@ -137,13 +150,39 @@ def validation_score(accuracy: Mapping[str, float], expert_accuracy: Mapping[str
     return math.fsum(vals) / len(vals)
 
 
+EDGE_MARK = "†"  # a chosen point on the edge of its grid (tables)
+
+
+def grid_edges(point: GridPoint, grid: Iterable[GridPoint]) -> tuple[str, ...]:
+    """The axes ("alpha", "beta") on which ``point`` sits at the edge of ``grid`` (the
+    candidates it was chosen from): its value is the smallest or largest of two or more values
+    on that axis. β = 0 is the end of β's domain (cutoff at the first singular value), not an
+    edge that a wider list could move; the same holds for an α of 0 (a LiNeS β of the
+    reference protocol). Empty: the point is inside the grid on every axis."""
+    points = list(grid)
+    edges = []
+    for axis in ("alpha", "beta"):
+        values = sorted({getattr(p, axis) for p in points if getattr(p, axis) is not None})
+        value = getattr(point, axis)
+        if value is None or len(values) < 2:
+            continue
+        if value == values[-1] or (value == values[0] and value > 0.0):
+            edges.append(axis)
+    return tuple(edges)
+
+
 def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
                  expert_accuracy: Mapping[str, float],
-                 metric: str = DEFAULT_SELECTION_METRIC) -> tuple[GridPoint, float]:
+                 metric: str = DEFAULT_SELECTION_METRIC, *, where: str = "",
+                 warn_edges: bool = True) -> tuple[GridPoint, float]:
     """The (α, β) chosen on validation, with its score: the highest
     :func:`validation_score`; ties go to the smaller α, then the smaller β (no β first).
     ``points``: (grid point, validation accuracy per task). Used for the test evaluation, the
-    expert-selection experiment and every table."""
+    expert-selection experiment and every table. A chosen point on the edge of the grid
+    (:func:`grid_edges`) is logged as a warning (``where``: what was chosen, for the log;
+    ``warn_edges=False`` for a choice over part of a grid, e.g. the best α of each β):
+    the optimum may lie outside the lists."""
+    points = list(points)
     best = None
     for point, accuracy in points:
         score = validation_score(accuracy, expert_accuracy, metric)
@@ -153,6 +192,12 @@ def choose_point(points: Iterable[tuple[GridPoint, Mapping[str, float]]],
             best = (key, point, score)
     if best is None:
         raise ValueError("no grid points to choose from")
+    edges = grid_edges(best[1], (p for p, _ in points)) if warn_edges else ()
+    if edges:
+        log.warning(
+            "%schosen point %s is on the edge of its grid (%s): widen the list%s",
+            f"{where}: " if where else "", best[1].name, ", ".join(edges),
+            "s" if len(edges) > 1 else "")
     return best[1], best[2]
 
 
@@ -202,26 +247,49 @@ class Boost:
 @dataclass(frozen=True)
 class Lines:
     """LiNeS layer scaling: block l of L is scaled by ``scale + slope·l/(L−1)``; ``scale`` is a
-    number or ``"norm"`` (the reference's ‖Σ_t τ_t‖₁ / ‖τ_merged‖₁ / T)."""
+    number or ``"norm"`` (the reference's ‖Σ_t τ_t‖₁ / ‖τ_merged‖₁ / T).
+
+    ``protocol`` (:data:`LINES_PROTOCOLS`): ``"reference"`` (default; wang-kee/LiNeS
+    ``src/eval/eval.py``, multi-task merging) tunes LiNeS' β (``slope``) on validation over the
+    method's ``alpha`` list and merges with coefficient 1.0, so the grid's α *is* LiNeS' β and
+    ``slope`` is not given; ``"fixed_slope"`` fixes ``slope`` and tunes the pipeline's α."""
 
     scale: float | str = LINES_NORM
-    slope: float = 0.5
+    slope: float | None = 0.5
+    protocol: str = "fixed_slope"
 
     @classmethod
     def parse(cls, cfg: Mapping | None, where: str) -> "Lines":
         cfg = dict(cfg or {})
-        unknown = set(cfg) - {"scale", "slope"}
+        unknown = set(cfg) - {"scale", "slope", "protocol"}
         if unknown:
             raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown LiNeS setting "
-                              "(LiNeS takes 'scale' and 'slope')")
+                              "(LiNeS takes 'scale', 'slope' and 'protocol')")
+        protocol = cfg.get("protocol", DEFAULT_LINES_PROTOCOL)
+        if protocol not in LINES_PROTOCOLS:
+            raise ConfigError(f"config field {where}.protocol: {protocol!r} is not one of "
+                              f"{list(LINES_PROTOCOLS)}")
         scale = cfg.get("scale", cls.scale)
         if scale != LINES_NORM:
             scale = _finite(scale, f"{where}.scale", lo=0.0, lo_open=True, hi=None)
+        if protocol == "reference":
+            if cfg.get("slope") is not None:
+                raise ConfigError(f"config field {where}.slope: the reference protocol tunes "
+                                  "LiNeS' β on the method's alpha list; remove 'slope' or set "
+                                  "protocol: fixed_slope")
+            return cls(scale=scale, slope=None, protocol=protocol)
         slope = _finite(cfg.get("slope", cls.slope), f"{where}.slope", lo=0.0, lo_open=False, hi=None)
-        return cls(scale=scale, slope=slope)
+        return cls(scale=scale, slope=slope, protocol=protocol)
+
+    @property
+    def tunes_slope(self) -> bool:
+        """The reference protocol: the grid's α is LiNeS' β, the merge coefficient 1.0."""
+        return self.protocol == "reference"
 
     def to_params(self) -> dict:
-        return {"scale": self.scale, "slope": self.slope}
+        if self.tunes_slope:
+            return {"scale": self.scale, "protocol": self.protocol}
+        return {"scale": self.scale, "slope": self.slope, "protocol": self.protocol}
 
 
 @dataclass(frozen=True)
@@ -317,8 +385,12 @@ def parse_method(name: str, cfg: Mapping, grid: Mapping, groups: Sequence[str]) 
             raise ConfigError(f"config field {where}.groups[{i}]: unknown group {g!r}")
     lines = Lines.parse(cfg["lines"], f"{where}.lines") if "lines" in cfg else None
     boost = Boost.parse(cfg["boost"], f"{where}.boost") if boosted else None
-    alphas = _values(cfg.get("alpha", grid["alpha"]), f"{where}.alpha" if "alpha" in cfg else "grid.alpha",
-                     beta=False)
+    if lines is not None and lines.tunes_slope:  # the α axis is LiNeS' β
+        alphas = _values(cfg.get("alpha", list(DEFAULT_LINES_SLOPES)), f"{where}.alpha",
+                         beta=False)
+    else:
+        alphas = _values(cfg.get("alpha", grid["alpha"]),
+                         f"{where}.alpha" if "alpha" in cfg else "grid.alpha", beta=False)
     betas: tuple[float | None, ...] = (None,)
     if boosted:
         betas = _values(cfg.get("beta", grid["beta"]), f"{where}.beta" if "beta" in cfg else "grid.beta",
@@ -436,6 +508,9 @@ class SelectionExperiment:
     draws: int = 10
     seed: int = 0
     strategy: str = "greedy"
+    # weight of the alignment among the chosen candidates in the objective; 0: alignment with
+    # the pool only, the paper's Table 5 wording ("minimize interference with the Pool")
+    within_weight: float = 0.0
 
     def runs(self) -> list[str]:
         """One job each: ``hogsvd-0`` (the HO-GSVD choice), then ``random-0`` … ``random-<draws-1>``."""
@@ -450,11 +525,79 @@ class SelectionExperiment:
     def to_params(self) -> dict:
         return {"universe": self.universe, "pool": list(self.pool), "ext": list(self.ext),
                 "n_select": self.n_select, "method": self.method, "draws": self.draws,
-                "seed": self.seed, "strategy": self.strategy}
+                "seed": self.seed, "strategy": self.strategy, "within_weight": self.within_weight}
 
     @classmethod
     def from_params(cls, params: Mapping) -> "SelectionExperiment":
         return cls(**{**params, "pool": tuple(params["pool"]), "ext": tuple(params["ext"])})
+
+
+DEFAULT_TABLE8_BETAS = (0.0, 0.1, 0.2)  # per layer kind, when experiments.table8 gives none
+
+
+@dataclass(frozen=True)
+class Table8Experiment:
+    """Paper Table 8: a β_attn × β_mlp grid of one boosted ``method`` on one ``group`` (default
+    the largest), each pair's α chosen on validation among ``alphas`` (default the method's),
+    the pair chosen on validation, every pair reported on test at its α. The SVD factors of the
+    method's merged cache are reused: only the cutoff changes with β."""
+
+    method: str
+    group: str
+    beta_attn: tuple[float, ...] = DEFAULT_TABLE8_BETAS
+    beta_mlp: tuple[float, ...] = DEFAULT_TABLE8_BETAS
+    alphas: tuple[float, ...] = ()
+
+    def pairs(self) -> list[tuple[float, float]]:
+        """(β_attn, β_mlp), β_mlp outer (the paper's row order: FC layers, then attention)."""
+        return [(a, m) for m in self.beta_mlp for a in self.beta_attn]
+
+    def to_params(self) -> dict:
+        return {"method": self.method, "group": self.group, "beta_attn": list(self.beta_attn),
+                "beta_mlp": list(self.beta_mlp), "alphas": list(self.alphas)}
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "Table8Experiment":
+        return cls(method=params["method"], group=params["group"],
+                   beta_attn=tuple(params["beta_attn"]), beta_mlp=tuple(params["beta_mlp"]),
+                   alphas=tuple(params["alphas"]))
+
+
+def _parse_table8(cfg: Mapping, groups: Mapping[str, Sequence[str]],
+                  methods: Mapping[str, Method]) -> Table8Experiment | None:
+    t8 = (cfg.get("experiments") or {}).get("table8")
+    if not t8:
+        return None
+    where = "experiments.table8"
+    if not isinstance(t8, Mapping):
+        raise ConfigError(f"config field {where}: expected a mapping")
+    unknown = set(t8) - {"method", "group", "beta_attn", "beta_mlp", "alpha"}
+    if unknown:
+        raise ConfigError(f"config field {where}.{sorted(unknown)[0]}: unknown setting (Table 8 "
+                          "takes method, group, beta_attn, beta_mlp, alpha)")
+    name = t8.get("method")
+    if name not in methods:
+        raise ConfigError(f"config field {where}.method: unknown method {name!r} "
+                          f"(known: {', '.join(methods)})")
+    method = methods[name]
+    if method.boost is None or method.boost.layers != "both" or method.boost.attn_mode == "none":
+        raise ConfigError(f"config field {where}.method: {name!r} must boost both layer kinds "
+                          "(boost: {layers: both} and attn_mode per_qkv or full)")
+    if method.boost.beta_attn is not None or method.boost.beta_mlp is not None:
+        raise ConfigError(f"config field {where}.method: {name!r} fixes a kind's β "
+                          "(boost.beta_attn / beta_mlp); Table 8 sets both")
+    largest = max(groups, key=lambda g: len(groups[g]))
+    group = t8.get("group", largest)
+    if group not in groups:
+        raise ConfigError(f"config field {where}.group: unknown group {group!r}")
+    if group not in method.groups:
+        raise ConfigError(f"config field {where}.group: method {name!r} does not run on group "
+                          f"{group!r} (its merged cache is reused; add the group to its groups)")
+    betas = {k: _values(t8.get(k, list(DEFAULT_TABLE8_BETAS)), f"{where}.{k}", beta=True)
+             for k in ("beta_attn", "beta_mlp")}
+    alphas = (_values(t8["alpha"], f"{where}.alpha", beta=False) if "alpha" in t8
+              else method.alphas)
+    return Table8Experiment(method=name, group=group, alphas=alphas, **betas)
 
 
 @dataclass(frozen=True)
@@ -479,6 +622,7 @@ class Recipe:
     save_merged: bool = False
     warm_worker: bool = True   # local runs: jobs start in a preloaded process (submerge.worker)
     export: tuple[tuple[str, str], ...] = ()  # (group, method) pairs exported (parse_export)
+    table8: Table8Experiment | None = None
 
     @property
     def experts(self) -> list[str]:
@@ -571,7 +715,8 @@ def parse_config(cfg: Mapping) -> Recipe:
                   consensus_lambdas=lambdas, hogsvd=hogsvd, gpu=bool(cfg.get("gpu", True)),
                   save_merged=bool(cfg.get("save_merged", False)),
                   warm_worker=bool(cfg.get("warm_worker", True)),
-                  export=parse_export(cfg.get("export"), groups, methods))
+                  export=parse_export(cfg.get("export"), groups, methods),
+                  table8=_parse_table8(cfg, groups, methods))
 
 
 def _check_downloaded_expert(cfg: Mapping, name: str, spec: Mapping) -> None:
@@ -623,7 +768,10 @@ def _parse_selection(cfg: Mapping, groups: Mapping, methods: Mapping[str, Method
     return SelectionExperiment(universe=sel["universe"], pool=tuple(sel["pool"]),
                                ext=tuple(sel.get("ext", [])), n_select=int(sel["n_select"]),
                                method=sel["method"], draws=int(sel.get("draws", 10)),
-                               seed=int(sel.get("seed", 0)), strategy=sel.get("strategy", "greedy"))
+                               seed=int(sel.get("seed", 0)), strategy=sel.get("strategy", "greedy"),
+                               within_weight=_finite(sel.get("within_weight", 0.0),
+                                                     "experiments.selection.within_weight",
+                                                     lo=0.0, lo_open=False, hi=None))
 
 
 # -------------------------------------------------------------------------------- export

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from submerge.errors import CheckpointError, ConfigError
-from submerge.recipe import HOGSVDSettings, MergeRecipe, Suite
+from submerge.recipe import GridPoint, HOGSVDSettings, MergeRecipe, Suite
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,8 @@ def merge(recipe: MergeRecipe, output: Path, *, command: str = "submerge merge")
     """``submerge merge``: the merged model of ``recipe`` written to ``output`` (a directory, in
     the source's format, :func:`submerge.export.write_export`)."""
     from submerge.export import ModelCard, write_export
-    from submerge.io import hdf5
-    from submerge.stages.common import load_base, merged_module, resolve_device
-    from submerge.stages.merge import merge_group, reconstruct
+    from submerge.stages.export import chosen_model
+    from submerge.stages.merge import merge_group
 
     if recipe.alpha is None:
         raise ConfigError("config field alpha: required (the scale of the merged task vector)")
@@ -193,15 +192,9 @@ def merge(recipe: MergeRecipe, output: Path, *, command: str = "submerge merge")
         merged_path = work / "merged.h5"
         merge_group(experts, tv_paths, recipe.method, merged_path, extra_paths=extra,
                     device=recipe.device)
-        dev = resolve_device(recipe.device)
-        dense, factors, layer_info, _ = hdf5.read_factored(merged_path)
-        dense = {k: v.to(dev) for k, v in dense.items()}
-        factors = {k: [tuple(t.to(dev) for t in f) for f in fs] for k, fs in factors.items()}
-        delta = reconstruct(dense, factors, layer_info, recipe.method, recipe.beta)
-        del dense, factors
-        adapter, module, _ = merged_module(_suite(sources), load_base(base_path, dev), delta,
-                                           recipe.alpha, dev)
-        del delta
+        point = GridPoint(recipe.alpha, recipe.beta if recipe.method.boosted else None)
+        adapter, module = chosen_model(_suite(sources), recipe.method, point, base_path,
+                                       merged_path, recipe.device)
         card = ModelCard(
             title=f"{recipe.method.label} merge of {len(experts)} experts",
             method=recipe.method, alpha=recipe.alpha,

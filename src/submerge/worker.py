@@ -54,6 +54,7 @@ COMMON_PRELOAD = ("snakemake.script", "snakemake.io", "snakemake.logging",
                   "submerge.stages.checkpoints", "submerge.stages.taskvectors",
                   "submerge.stages.spectra", "submerge.stages.merge", "submerge.stages.evaluate",
                   "submerge.stages.selection", "submerge.stages.report", "submerge.stages.export",
+                  "submerge.stages.beta_grid", "submerge.stages.decay",
                   "submerge.suites.digits", "sklearn.datasets",
                   "submerge.report.tables", "submerge.report.figures", "submerge.report.landing")
 ADAPTER = "adapter:"   # a preload entry "adapter:<name>": that adapter's module and libraries

@@ -20,6 +20,8 @@ REPORT_INPUTS = {
     "spectra_summary": [f"{SUMMARIES}/spectra_summary.csv"],
     "singular_values": [f"{SUMMARIES}/singular_values.csv"],
     "hogsvd_summary": [f"{SUMMARIES}/hogsvd_summary.json"],
+    "table8": [T8_FILE] if RECIPE.table8 else [],
+    "decay_summary": [f"{SUMMARIES}/decay_summary.json"],
 }
 OVERVIEW, OVERVIEW_CONFIG, OVERVIEW_SIDECAR = LANDING.overview_files(R)
 # every table and figure file, the landing page and the attached config (all_targets() in

@@ -61,6 +61,8 @@ LOADERS: dict[str, Callable[[Sequence[PathLike], Recipe], Any]] = {
     "spectra_summary": _csv,
     "singular_values": _csv,
     "hogsvd_summary": _json,
+    "table8": _csv,
+    "decay_summary": _json,
 }
 
 

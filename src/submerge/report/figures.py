@@ -677,3 +677,60 @@ def subspace_importance(
     if title:
         fig.suptitle(title)
     return save_figure(fig, stem)
+
+
+# ------------------------------------------------------------------------ Proposition 1
+
+
+@_styled
+def proposition1(decay: Mapping[str, Any], recipe: Recipe, stem: str | os.PathLike) -> list[Path]:
+    """Paper Proposition 1 on the suite's own task vectors (``decay``: the summary of
+    :func:`submerge.stages.decay.decay_summary`). Left: the Frobenius norm of the common and
+    unique parts (HO-GSVD split, Eq. 6) of the mean of the first N task vectors, relative to
+    N = 1, median over the group's matrices with the 25–75 % band, against N, with the 1/√N
+    reference. Right: the singular values of both parts of one matrix at several N."""
+    n = np.asarray(decay["n"], dtype=float)
+    rel = {}
+    for part in ("common", "unique"):
+        rows = [np.asarray(m[f"{part}_fro"], dtype=float) for m in decay["matrices"]]
+        rows = [r / r[0] for r in rows if r[0] > 0]
+        if not rows:
+            raise ValueError(f"proposition1: no matrix has a non-zero {part} part")
+        rel[part] = np.stack(rows)
+    fig = Figure(figsize=(10.0, 3.9))
+    ax, ax_sv = fig.subplots(1, 2)
+    for color, part in zip(PALETTE, ("common", "unique")):
+        r = rel[part]
+        ax.plot(n, np.median(r, axis=0), color=color, marker="o", markersize=3,
+                label=f"{part} part ({r.shape[0]} matrices, median)")
+        ax.fill_between(n, np.quantile(r, 0.25, axis=0), np.quantile(r, 0.75, axis=0),
+                        color=color, alpha=0.2, linewidth=0)
+    ax.plot(n, 1.0 / np.sqrt(n), color="0.3", linestyle="--", label="1/√N")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("number of averaged task vectors N")
+    ax.set_ylabel("Frobenius norm relative to N = 1")
+    ax.set_title(f"common vs unique energy, group {decay.get('group', '')}")
+    ax.legend(loc="lower left")
+    spectra = decay.get("spectra")
+    if spectra:
+        for i, size in enumerate(spectra["n"]):
+            color = PALETTE[i % len(PALETTE)]
+            for part, style in (("common", "-"), ("unique", "--")):
+                sv = np.asarray(spectra[f"{part}_sv"][i], dtype=float)
+                sv = sv[sv > 1e-12 * max(sv.max(), 1e-300)]
+                ax_sv.plot(np.arange(1, sv.size + 1), sv, color=color, linestyle=style,
+                           linewidth=1.2, label=f"N = {size}" if part == "common" else None)
+        ax_sv.set_yscale("log")
+        ax_sv.set_xlabel("singular value index")
+        ax_sv.set_ylabel("singular value")
+        ax_sv.set_title(f"{spectra['key']} (block {spectra['row_block']})\n"
+                        "solid: common part, dashed: unique part")
+        ax_sv.legend(loc="upper right")
+    else:
+        ax_sv.set_axis_off()
+        ax_sv.set_title("(no matrix with both common and unique directions)")
+    fig.suptitle(f"Proposition 1 check: common and unique parts of the mean of N task vectors\n"
+                 f"(HO-GSVD split: common = σ within ×{decay.get('threshold', 0):g} for every "
+                 f"pair of experts, {100 * decay.get('common_fraction', 0):.0f}% of directions)")
+    return save_figure(fig, stem)

@@ -51,6 +51,12 @@ INPUTS: dict[str, Input] = {
                                  "values per merged matrix, before/after boosting (pandas frame)"),
         Input("hogsvd_summary", "results/{suite}/summaries/hogsvd_summary.json: alignment "
                                 "matrices and subspace importance of the largest group (dict)"),
+        Input("table8", "results/{suite}/experiments/table8.csv: the β_attn × β_mlp grid "
+                        "(pandas frame, submerge.stages.beta_grid.COLUMNS)",
+              absent="experiments.table8 not configured"),
+        Input("decay_summary", "results/{suite}/summaries/decay_summary.json: common and "
+                               "unique parts of the mean of N task vectors (dict, "
+                               "submerge.stages.decay.decay_summary)"),
     )
 }
 
@@ -183,6 +189,10 @@ _table("expert_selection", "expert_selection", ("selection",),
        "Expert selection: HO-GSVD alignment vs random draws (test accuracy, %).")
 _table("merging_time", "timing_table", ("benchmarks",),
        "Wall time and peak memory of the merge job (Δ_merge + SVD cache) per method.")
+_table("kind_beta_grid", "kind_beta_grid", ("table8",),
+       "Table 8: β per layer kind (MLP, attention) of one boosted method on one group: "
+       "validation score and test accuracy (%) of each pair at its α chosen on validation; "
+       "✓ the pair chosen on validation; † a chosen value on the edge of its list.")
 
 # ----------------------------------------------------------------------------------- figures
 
@@ -192,3 +202,4 @@ _figure("accuracy_vs_experts", "accuracy_vs_experts", ("scores",))
 _figure("alpha_beta_heatmap", "alpha_beta_heatmap", ("scores",))
 _figure("alignment_matrix", "alignment_heatmap", ("hogsvd_summary",))
 _figure("subspace_importance", "subspace_importance", ("hogsvd_summary",))
+_figure("proposition1", "proposition1", ("decay_summary",))

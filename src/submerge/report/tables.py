@@ -272,7 +272,7 @@ def best_on_val(scores: pd.DataFrame, metric: str,
         candidates = {GridPoint(float(r.alpha), _beta(r.beta)): i
                       for i, r in zip(sub.index, sub.itertuples(index=False))}
         point, score = choose_point(((p, accuracy[(group, method, p)]) for p in candidates),
-                                    expert[group], metric)
+                                    expert[group], metric, warn_edges="beta" not in by)
         rows.append(candidates[point])
         scores_.append(score)
     out = complete.loc[rows].copy()
@@ -286,6 +286,49 @@ def best_on_val(scores: pd.DataFrame, metric: str,
 def _lookup(summary: pd.DataFrame, group: str, method: str, col: str) -> float:
     hit = summary.loc[(summary["group"] == group) & (summary["method"] == method), col]
     return float(hit.iloc[0]) if len(hit) else math.nan
+
+
+def edge_points(scores: pd.DataFrame, methods: Methods) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(group, method) -> the axes on which its test point (chosen on validation) sits at the
+    edge of the method's grid (:func:`submerge.recipe.grid_edges`); only those on an edge."""
+    from submerge.recipe import grid_edges
+
+    test = grid_summary(scores, "test")
+    out = {}
+    for row in test.itertuples(index=False):
+        if row.method not in methods:
+            continue
+        edges = grid_edges(GridPoint(float(row.alpha), _beta(row.beta)),
+                           methods[row.method].grid())
+        if edges:
+            out[(row.group, row.method)] = edges
+    return out
+
+
+def method_notes(methods: Methods, names: Sequence[str], edges: Mapping) -> list[str]:
+    """Footnotes of a table: the LiNeS protocol of each LiNeS method among ``names`` and, if any
+    cell is marked, what † means."""
+    from submerge.recipe import EDGE_MARK
+
+    notes = []
+    labels = method_labels(methods)
+    for m in names:
+        lines = methods[m].lines if m in methods else None
+        if lines is None:
+            continue
+        if lines.tunes_slope:
+            notes.append(f"{labels[m]}: LiNeS reference protocol (wang-kee/LiNeS): scale "
+                         f"{lines.scale} (‖Σ τ‖₁/‖τ_merged‖₁/T for 'norm'), LiNeS β tuned on "
+                         "validation as the grid's α, merge coefficient 1.0.")
+        else:
+            notes.append(f"{labels[m]}: LiNeS fixed-slope protocol: scale {lines.scale}, "
+                         f"slope {lines.slope:g}, merge coefficient α tuned on validation.")
+    if edges:
+        notes.append(f"{EDGE_MARK} the α or β chosen on validation is on the edge of its list "
+                     "(the optimum may lie outside it): "
+                     + "; ".join(f"{labels.get(m, m)} on {g} ({', '.join(ax)})"
+                                 for (g, m), ax in edges.items()) + ".")
+    return notes
 
 
 def _summary_table(
@@ -326,6 +369,10 @@ def _summary_table(
                 data[r][(g, names[k])] = float(hit.iloc[0]) if len(hit) else math.nan
                 if deltas:
                     data[r][(g, "Δ" + names[k])] = NA
+    from submerge.recipe import EDGE_MARK
+
+    present = [m for _, m in rows if m is not None]
+    edges = {k: v for k, v in edge_points(scores, methods).items() if k[1] in present}
     for label, m in rows:
         data[label] = {}
         base = base_method(m, methods) if m is not None else None
@@ -334,6 +381,8 @@ def _summary_table(
         for g in order:
             for k in metrics:
                 v = _lookup(summary, g, m, k) if m is not None else math.nan
+                if (g, m) in edges and not math.isnan(v):
+                    v = Marked(v, EDGE_MARK)
                 data[label][(g, names[k])] = v
                 if deltas:
                     if m is None or base is None:  # no boosting, or no base to compare
@@ -343,6 +392,11 @@ def _summary_table(
     table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
     table = table.reindex(columns=pd.MultiIndex.from_tuples(cols))
     table.index.name = "Method"
+    for label, row in data.items():  # the frame's constructor drops the float subclass
+        for col, v in row.items():
+            if isinstance(v, Marked):
+                table.at[label, col] = v
+    table.attrs["notes"] = method_notes(methods, present, edges)
     return table
 
 
@@ -494,12 +548,32 @@ def per_task_accuracy(
     return table
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_half_width(values: Sequence[float]) -> float:
+    """Half-width of the two-sided 95% t-interval of the mean of ``values`` (n ≥ 2):
+    ``t_{0.975, n-1} · s / √n`` with the sample standard deviation ``s``."""
+    n = len(values)
+    if n < 2:
+        raise ValueError("a confidence interval needs at least two values")
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+
+
 def expert_selection(selection: pd.DataFrame, recipe: Recipe | None = None, *,
                      split: str = "test") -> pd.DataFrame:
     """Paper Tables 5/10: rows Random / HO-GSVD (with the number of draws), columns
-    (Pool | Ext | All, mean | std): per draw the mean accuracy (%) over the task set's
-    tasks, then mean and sample std over draws ("" for a single draw). The recipe is not
-    needed (the registry's calling convention passes it)."""
+    (Pool | Ext | All, mean | std | ±95% CI): per draw the mean accuracy (%) over the task
+    set's tasks, then mean, sample std and the half-width of the 95% t-interval of the mean
+    over draws ("" for a single draw); with both settings a row "HO-GSVD − Random" (the
+    difference of the means, with the random mean's CI: the HO-GSVD choice is one
+    deterministic selection). The recipe is not needed (the registry's calling convention
+    passes it)."""
     require_columns(selection, SELECTION_COLUMNS, "selection")
     sub = selection.loc[selection["split"] == split]
     per_draw = (
@@ -526,7 +600,22 @@ def expert_selection(selection: pd.DataFrame, recipe: Recipe | None = None, *,
             data[label][(TASK_SETS.get(t, t), "std")] = (
                 float(vals.std(ddof=1)) if len(vals) > 1 else (NA if len(vals) else math.nan)
             )
-    columns = [(TASK_SETS.get(t, t), stat) for t in sets for stat in ("mean", "std")]
+            data[label][(TASK_SETS.get(t, t), "±95% CI")] = (
+                t_half_width(vals.tolist()) if len(vals) > 1 else (NA if len(vals) else math.nan)
+            )
+    if "hogsvd" in settings and "random" in settings:
+        # the HO-GSVD choice minus the random mean; the CI is that of the random mean (the
+        # HO-GSVD choice is one deterministic selection)
+        rand = next(k for k in data if k.startswith(SELECTION_SETTINGS["random"]))
+        hog = next(k for k in data if k.startswith(SELECTION_SETTINGS["hogsvd"]))
+        diff = {}
+        for t in sets:
+            name = TASK_SETS.get(t, t)
+            diff[(name, "mean")] = data[hog][(name, "mean")] - data[rand][(name, "mean")]
+            diff[(name, "std")] = NA
+            diff[(name, "±95% CI")] = data[rand][(name, "±95% CI")]
+        data["HO-GSVD − Random"] = diff
+    columns = [(TASK_SETS.get(t, t), stat) for t in sets for stat in ("mean", "std", "±95% CI")]
     table = pd.DataFrame.from_dict(data, orient="index", dtype=object)
     table = table.reindex(columns=pd.MultiIndex.from_tuples(columns) if columns else None)
     table.index.name = "Selection"
@@ -563,6 +652,18 @@ def timing_table(timing: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
 # -------------------------------------------------------------------------------- writer
 
 
+class Marked(float):
+    """A number shown with a mark after it in Markdown and LaTeX (e.g. † for a chosen point on
+    the edge of its grid); the CSV keeps the plain number."""
+
+    mark: str = ""
+
+    def __new__(cls, value: float, mark: str):
+        obj = super().__new__(cls, value)
+        obj.mark = mark
+        return obj
+
+
 def _is_gap(v: Any) -> bool:
     return v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v))
 
@@ -574,11 +675,15 @@ def _index_text(v: Any) -> str:
     return format_cell(v, 2, gap="")
 
 
-def format_cell(v: Any, decimals: int, *, signed: bool = False, gap: str = GAP) -> str:
+def format_cell(v: Any, decimals: int, *, signed: bool = False, gap: str = GAP,
+                marks: bool = True) -> str:
     """Deterministic text of one cell: fixed decimals, "+" for signed columns, no "-0.0",
-    ``gap`` for NaN/None, strings as they are."""
+    ``gap`` for NaN/None, strings as they are; a :class:`Marked` number with its mark
+    (``marks``)."""
     if _is_gap(v):
         return gap
+    if isinstance(v, Marked):
+        return format_cell(float(v), decimals, signed=signed, gap=gap) + (v.mark if marks else "")
     if isinstance(v, (bool, np.bool_)) or isinstance(v, str):
         return str(v)
     if isinstance(v, (int, np.integer)):
@@ -626,12 +731,13 @@ def _index_rows(df: pd.DataFrame, sparse: bool) -> tuple[list[str], list[list[st
     return names, rows
 
 
-def _cells(df: pd.DataFrame, decimals, gap: str) -> list[list[str]]:
+def _cells(df: pd.DataFrame, decimals, gap: str, marks: bool = True) -> list[list[str]]:
     out = []
     for _, row in df.iterrows():
         out.append(
             [
-                format_cell(v, _decimals_for(c, decimals), signed=_leaf(c).startswith("Δ"), gap=gap)
+                format_cell(v, _decimals_for(c, decimals), signed=_leaf(c).startswith("Δ"), gap=gap,
+                            marks=marks)
                 for c, v in zip(df.columns, row.tolist())
             ]
         )
@@ -645,7 +751,7 @@ def to_csv_text(df: pd.DataFrame) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(names + [_header(c) for c in df.columns])
-    for i, cells in zip(idx, _cells(df, CSV_DECIMALS, gap="")):
+    for i, cells in zip(idx, _cells(df, CSV_DECIMALS, gap="", marks=False)):
         writer.writerow(i + cells)
     return buf.getvalue()
 
@@ -666,6 +772,9 @@ def to_markdown(
     lines.append("|" + "|".join(align) + "|")
     for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
         lines.append("| " + " | ".join(_md_escape(c) for c in i + cells) + " |")
+    notes = df.attrs.get("notes") or []
+    if notes:
+        lines += [""] + [_md_escape(n) + "  " for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -683,6 +792,7 @@ _TEX_SPECIAL = {
     "Δ": r"$\Delta$",
     "±": r"$\pm$",
     "—": "---",
+    "†": r"$\dagger$",
     "α": r"$\alpha$",
     "β": r"$\beta$",
     "γ": r"$\gamma$",
@@ -730,6 +840,8 @@ def to_latex(
     for i, cells in zip(idx, _cells(df, decimals, gap=GAP)):
         lines.append(" & ".join(tex_escape(c) for c in i + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    for note in df.attrs.get("notes") or []:
+        lines.append(r"\par\footnotesize " + tex_escape(note))
     if caption or label:
         inner = [r"\begin{table}[t]", r"\centering"]
         if caption:
@@ -821,3 +933,39 @@ def write_table(
     write_text_atomic(paths[3], to_html(df, decimals, caption))
     log.info("wrote table %s.{csv,md,tex,html} (%d rows)", stem, len(df))
     return paths
+
+
+# ------------------------------------------------------------------------ Table 8 (β per kind)
+
+
+def kind_beta_grid(table8: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
+    """Paper Table 8: rows (β MLP, β attn) of ``experiments.table8``
+    (:func:`submerge.stages.beta_grid.run_table8`'s CSV), columns α (chosen on validation for
+    the pair), the validation score (%), validation and test accuracy (%) at that α, and
+    "chosen" (✓ for the pair chosen on validation). A chosen value on the edge of its list is
+    marked † (:data:`submerge.recipe.EDGE_MARK`)."""
+    from submerge.recipe import EDGE_MARK
+
+    require_columns(table8, ("beta_attn", "beta_mlp", "alpha", "split", "task", "accuracy",
+                             "val_score", "chosen", "edge"), "table8")
+    if table8.empty:
+        raise ValueError("table8 frame is empty: nothing to tabulate")
+    data = {}
+    edge_col = table8["edge"].fillna("").astype(str)
+    for (mlp, attn), sub in table8.groupby(["beta_mlp", "beta_attn"], sort=True):
+        test = sub.loc[sub["split"] == "test"]
+        alpha = float(test["alpha"].iloc[0])
+        val = sub.loc[(sub["split"] == "val") & np.isclose(sub["alpha"], alpha)]
+        edges = set(filter(None, edge_col.loc[sub.index].iloc[0].split("+")))
+        chosen = bool(str(sub["chosen"].iloc[0]).lower() == "true")
+        data[(float(mlp), float(attn))] = {
+            "α": f"{alpha:g}" + (EDGE_MARK if "alpha" in edges else ""),
+            "val score": 100.0 * float(sub["val_score"].iloc[0]),
+            "val": 100.0 * float(val["accuracy"].mean()),
+            "test": 100.0 * float(test["accuracy"].mean()),
+            "chosen": ("✓" + (EDGE_MARK if edges & {"beta_attn", "beta_mlp"} else ""))
+            if chosen else NA,
+        }
+    frame = pd.DataFrame.from_dict(data, orient="index", dtype=object)
+    frame.index = pd.MultiIndex.from_tuples(list(data), names=["β MLP", "β attn"])
+    return frame

@@ -13,7 +13,7 @@ from submerge.io.jsonio import read_json, write_json
 from submerge.recipe import SCORE_DIGITS, EvalSettings, GridPoint, Method, Suite, choose_point
 from submerge.stages.common import (PathLike, evaluate_on, evaluate_tasks, load_base, load_tasks,
                                     merged_module, record_provenance, resolve_device)
-from submerge.stages.merge import reconstruct
+from submerge.stages.merge import point_delta, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,21 @@ class Sweep:
         }
         if self.eval_data:  # prepared evaluation data (rule eval_data / eval_text): its content
             self.identity["eval_data"] = sorted(sha256_file(p) for p in self.eval_data)
+        if method.lines is not None and method.lines.tunes_slope:  # α is LiNeS' β here
+            self.identity["lines"] = method.lines.to_params()
         self.evaluated = 0  # points computed in this job (not served from the cache)
         self._code = None
         self._loaded = None
         self._deltas: dict = {}
+        self.lines_scale = None  # LiNeS' scale from the merged cache (reference protocol)
+
+    def share_loaded(self, other: "Sweep") -> None:
+        """Use ``other``'s loaded base, merged cache and data (same group and merged cache;
+        Table 8 evaluates several per-kind β variants of one method from one load)."""
+        if (other.merged_path, other.experts) != (self.merged_path, self.experts):
+            raise ValueError("share_loaded: sweeps of different merged caches or groups")
+        self._loaded = other._load()
+        self.lines_scale = other.lines_scale
 
     def code(self) -> dict:
         """The code version that computes this job's evaluations (git commit, package hash)."""
@@ -70,7 +81,8 @@ class Sweep:
             device = resolve_device(self.settings.device)
             from submerge.io import hdf5
 
-            dense, factors, layer_info, _ = hdf5.read_factored(self.merged_path)
+            dense, factors, layer_info, attrs = hdf5.read_factored(self.merged_path)
+            self.lines_scale = attrs.get("lines_scale")
             dense = {k: v.to(device) for k, v in dense.items()}
             factors = {k: [tuple(t.to(device) for t in f) for f in fs] for k, fs in factors.items()}
             self._loaded = (device, load_base(self.base_path, device), dense, factors, layer_info,
@@ -85,8 +97,10 @@ class Sweep:
         return self._deltas[beta]
 
     def model(self, point: GridPoint):
-        device, base, *_ = self._load()
-        return merged_module(self.suite, base, self.delta(point.beta), point.alpha, device)
+        device, base, _, _, layer_info, _ = self._load()
+        delta, coefficient = point_delta(self.delta(point.beta), layer_info, self.method,
+                                         point.alpha, self.lines_scale)
+        return merged_module(self.suite, base, delta, coefficient, device)
 
     def accuracy(self, point: GridPoint, split: str) -> dict:
         """``{"accuracy": {task: acc}, "device": ...}`` of ``point`` on ``split``, from the
@@ -154,7 +168,8 @@ def run_sweep(suite: Suite, experts: Sequence[str], method: Method, group: str,
                             {"group": group, "method": method.name, "alpha": point.alpha,
                              "beta": point.beta})
     refs = read_references(reference_paths)
-    best, score = choose_point(results, expert_val_accuracy(refs), settings.selection_metric)
+    best, score = choose_point(results, expert_val_accuracy(refs), settings.selection_metric,
+                               where=f"{group}/{method.name}")
     test = sweep.accuracy(best, "test")
     write_json(test_out, {**sweep.point_record(best, "test", test), "val_score": score,
                           "selection_metric": settings.selection_metric})

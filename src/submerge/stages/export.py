@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 from submerge.io.jsonio import read_json
 from submerge.recipe import GridPoint, Method, Suite
 from submerge.stages.common import PathLike, load_base, merged_module, resolve_device
-from submerge.stages.merge import reconstruct
+from submerge.stages.merge import point_delta, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,19 @@ def chosen_model(suite: Suite, method: Method, point: GridPoint, base_path: Path
                  merged_path: PathLike, device: str = "auto"):
     """``(adapter, module)``: the merged model of ``point`` exactly as the sweep evaluates it
     (:class:`submerge.stages.evaluate.Sweep`: the merged cache on the device, Δ reconstructed at
-    β, θ = θ_base + α·Δ), returned on the CPU."""
+    β, :func:`~submerge.stages.merge.point_delta` at α, θ = θ_base + coefficient·Δ), returned
+    on the CPU."""
     from submerge.io import hdf5
 
     dev = resolve_device(device)
-    dense, factors, layer_info, _ = hdf5.read_factored(merged_path)
+    dense, factors, layer_info, attrs = hdf5.read_factored(merged_path)
     dense = {k: v.to(dev) for k, v in dense.items()}
     factors = {k: [tuple(t.to(dev) for t in f) for f in fs] for k, fs in factors.items()}
     delta = reconstruct(dense, factors, layer_info, method, point.beta)
-    adapter, module, _ = merged_module(suite, load_base(base_path, dev), delta, point.alpha, dev)
+    del dense, factors
+    delta, coefficient = point_delta(delta, layer_info, method, point.alpha,
+                                     attrs.get("lines_scale"))
+    adapter, module, _ = merged_module(suite, load_base(base_path, dev), delta, coefficient, dev)
     return adapter, module.cpu()
 
 

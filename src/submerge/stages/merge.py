@@ -53,11 +53,33 @@ def merged_task_vector(method: Method, tvs: Sequence[Mapping], layer_info: Mappi
     if method.lines is not None:
         scale = method.lines.scale
         scale = lines_alpha(tvs, delta) if scale == LINES_NORM else float(scale)
+        if method.lines.tunes_slope:  # reference protocol: LiNeS per grid point (point_delta)
+            attrs.update(lines_scale=scale, lines_protocol=method.lines.protocol)
+            log.info("LiNeS (reference protocol): scale=%.4g, β tuned per grid point", scale)
+            return delta, attrs
         slope = float(method.lines.slope)
         delta = lines_scale(delta, layer_info, alpha=scale, beta=slope)
         attrs.update(lines_scale=scale, lines_slope=slope)
         log.info("LiNeS: scale=%.4g slope=%.4g", scale, slope)
     return delta, attrs
+
+
+def point_delta(delta: Mapping, layer_info: Mapping, method: Method, alpha: float,
+                lines_scale_value: float | None) -> tuple[dict, float]:
+    """The task vector and merge coefficient of a grid point's α for ``delta`` (already boosted
+    at the point's β): ``(delta, α)``, or under LiNeS' reference protocol (wang-kee/LiNeS
+    ``src/eval/eval.py``) ``(LiNeS(delta; scale, β=α), 1.0)`` with the scale fixed at merge
+    time (``lines_scale_value``, the merged cache's ``lines_scale``). Boosting is positively
+    homogeneous per matrix and LiNeS scales whole matrices, so LiNeS after boosting equals
+    LiNeS before it."""
+    from submerge.merging.lines import lines_scale
+
+    if method.lines is None or not method.lines.tunes_slope:
+        return dict(delta), float(alpha)
+    if lines_scale_value is None:
+        raise ValueError(f"method {method.name!r}: the merged cache has no lines_scale (LiNeS "
+                         "reference protocol); delete it and rerun (rule merged)")
+    return lines_scale(delta, layer_info, alpha=float(lines_scale_value), beta=float(alpha)), 1.0
 
 
 def boost_factors(method: Method, delta: Mapping, layer_info: Mapping) -> dict:

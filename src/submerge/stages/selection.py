@@ -14,7 +14,7 @@ from submerge.recipe import (SCORE_DIGITS, EvalSettings, GridPoint, Method, Sele
 from submerge.stages.common import (PathLike, evaluate_on, load_base, load_task_vectors,
                                     merged_module, record_provenance, resolve_device)
 from submerge.stages.evaluate import expert_val_accuracy, read_references
-from submerge.stages.merge import boost_factors, merged_task_vector, reconstruct
+from submerge.stages.merge import boost_factors, merged_task_vector, point_delta, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def picked_experts(universe: Sequence[str], experiment: SelectionExperiment, run
                              f"{list(universe)}; delete it and rerun (rule hogsvd)")
         align = alignment_matrix([e.sigma for e in cache.entries])
         picked = select_experts(align, pool, candidates, experiment.n_select,
-                                strategy=experiment.strategy)
+                                strategy=experiment.strategy,
+                                within_weight=experiment.within_weight)
     else:
         picked = random_selection(candidates, experiment.n_select, experiment.draws,
                                   experiment.seed)[draw]
@@ -65,17 +66,23 @@ def run_selection_draw(suite: Suite, universe: Sequence[str], experiment: Select
     device = resolve_device(settings.device)
     tvs, layer_info = load_task_vectors([paths[e] for e in members], device)
     base = load_base(base_path, device)
-    delta_fn = _selection_merger(method, tvs, layer_info)
+    delta_fn, lines_scale = _selection_merger(method, tvs, layer_info)
+
+    def model(point: GridPoint, delta):
+        d, coefficient = point_delta(delta, layer_info, method, point.alpha, lines_scale)
+        return merged_module(suite, base, d, coefficient, device)
+
     grid = []
     for beta in betas:
         delta = delta_fn(beta)
         for alpha in alphas:
-            adapter, module, _ = merged_module(suite, base, delta, alpha, device)
+            adapter, module, _ = model(GridPoint(alpha, beta), delta)
             acc = evaluate_on(suite, members, adapter, module, "val", settings, device,
                               eval_data)
             grid.append((GridPoint(alpha, beta), acc))
-    best, _ = choose_point(grid, expert_val_accuracy(refs), settings.selection_metric)
-    adapter, module, _ = merged_module(suite, base, delta_fn(best.beta), best.alpha, device)
+    best, _ = choose_point(grid, expert_val_accuracy(refs), settings.selection_metric,
+                           where=f"selection {run}")
+    adapter, module, _ = model(best, delta_fn(best.beta))
     test = evaluate_on(suite, list(universe), adapter, module, "test", settings, device,
                        eval_data)
     rows = []
@@ -105,8 +112,9 @@ def aggregate_selection(run_paths: Sequence[PathLike], out: PathLike) -> None:
 
 
 def _selection_merger(method: Method, tvs, layer_info):
-    """β -> Δ for one selection: merge (+ LiNeS) once, SVD once, boost per β."""
-    delta, _ = merged_task_vector(method, tvs, layer_info)
+    """β -> Δ for one selection: merge (+ LiNeS) once, SVD once, boost per β; and LiNeS' scale
+    where the reference protocol applies LiNeS per grid point (:func:`point_delta`)."""
+    delta, attrs = merged_task_vector(method, tvs, layer_info)
     factors = boost_factors(method, delta, layer_info)
     dense = {k: v for k, v in delta.items() if k not in factors}
-    return lambda beta: reconstruct(dense, factors, layer_info, method, beta)
+    return (lambda beta: reconstruct(dense, factors, layer_info, method, beta)), attrs.get("lines_scale")
