@@ -415,7 +415,7 @@ def test_cli_merge_and_diagnose_on_tiny_hf_checkpoints(kind, tmp_path):
     from submerge.merging.task_vectors import task_vectors
     from submerge.models import get_adapter
     from submerge.stages.common import merged_module
-    from submerge.stages.merge import boost_factors, merged_task_vector, reconstruct
+    from submerge.stages.merge import boost_factors, merged_task_vector, point_delta, reconstruct
 
     base_dir, expert_dirs, cls = _hf_models(kind, tmp_path)
     out = tmp_path / "merged"
@@ -433,13 +433,15 @@ def test_cli_merge_and_diagnose_on_tiny_hf_checkpoints(kind, tmp_path):
     layer_info = adapter.layer_infos(base)
     method = parse_method("m", {"merge": "task_arithmetic", "lines": {}, "boost": {}},
                           {"alpha": [0.7], "beta": [0.1]}, [])
-    delta, _ = merged_task_vector(method, tvs, layer_info)
+    delta, attrs = merged_task_vector(method, tvs, layer_info)
     factors = boost_factors(method, delta, layer_info)
     delta = reconstruct({k: v for k, v in delta.items() if k not in factors}, factors, layer_info,
                         method, 0.1)
+    # LiNeS' reference protocol (the default): α = 0.7 is LiNeS' β, the coefficient 1.0
+    delta, coefficient = point_delta(delta, layer_info, method, 0.7, attrs.get("lines_scale"))
     arch = json.loads((base_dir / "config.json").read_text())
     suite = Suite(name="x", adapter=adapter.name, view={"arch": arch})
-    _, want, _ = merged_module(suite, base, delta, 0.7, torch.device("cpu"))
+    _, want, _ = merged_module(suite, base, delta, coefficient, torch.device("cpu"))
     inputs = _hf_inputs(kind)
     assert torch.equal(_hf_output(merged, kind, inputs), _hf_output(want, kind, inputs))
     assert "task_arithmetic" in (out / "README.md").read_text()
