@@ -71,6 +71,15 @@ def run_single_process(cfg: dict, workdir: Path) -> float:
                            f"{R}/test/{g}/{m}.json", recipe.eval, f"{R}/cache/points")
         points += [f"{R}/grid/{g}/{m}/{p.name}.json" for p in method.grid()]
         tests.append(f"{R}/test/{g}/{m}.json")
+    from submerge.stages import export  # rule export
+
+    for g, m in recipe.export:
+        members = recipe.members(g)
+        export.export_model(view(*members), members, recipe.methods[m], g, base,
+                            f"{R}/merged/{g}/{m}.h5", f"{R}/test/{g}/{m}.json", f"{R}/grid/{g}/{m}",
+                            [f"{R}/heads/{e}.safetensors" for e in members],
+                            [f"{R}/models/experts/{e}.safetensors" for e in members],
+                            f"{R}/export/{g}/{m}", device="cpu")
     refs = [f"{R}/reference/{e}.json" for e in recipe.experts]
     evaluate.aggregate_scores(suite.name, recipe.groups, points, tests, refs, f"{R}/scores.csv")
     inputs = {"scores": [f"{R}/scores.csv"], "benchmarks": []}
@@ -115,6 +124,10 @@ def run_single_process(cfg: dict, workdir: Path) -> float:
     inputs["decay_summary"] = [f"{R}/summaries/decay_summary.json"]
     build_tables(inputs, recipe, f"{R}/tables", config=cfg)
     build_figures(inputs, recipe, f"{R}/figures", config=cfg)
+    from submerge.report import landing  # rule report_overview
+
+    landing.write_overview(recipe, cfg, R, f"{R}/tables/{landing.MAIN_TABLE}.html",
+                           landing.caption_texts(ROOT.glob("workflow/report/*.rst")))
     return time.perf_counter() - start
 
 
