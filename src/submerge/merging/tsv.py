@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from submerge.layers import LayerInfo
-from submerge.merging.task_arithmetic import sum_key
-from submerge.merging.task_vectors import StateDict, check_task_vectors
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_arithmetic import sum_tensors
+from submerge.merging.task_vectors import StateDict
 from submerge.spectral import svd
 
-__all__ = ["tsv_m", "polar_factor"]
+__all__ = ["tsv_m", "tsv_m_key", "polar_factor"]
 
 
 def polar_factor(matrix: Tensor) -> Tensor:
@@ -38,25 +39,29 @@ def polar_factor(matrix: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def tsv_m(task_vectors: Sequence[StateDict], layer_info: Mapping[str, LayerInfo]) -> StateDict:
-    """TSV-Merge (Gargiulo et al. 2025, arXiv:2412.00081; see the module docstring).
-    ``layer_info`` is unused."""
-    keys = check_task_vectors(task_vectors)
-    n_tasks = len(task_vectors)
-    merged: StateDict = {}
-    for key in keys:
-        dtype = task_vectors[0][key].dtype
-        if task_vectors[0][key].ndim != 2:
-            merged[key] = (sum_key(task_vectors, key) / n_tasks).to(dtype)
-            continue
-        r = min(task_vectors[0][key].shape) // n_tasks
-        sum_u = sum_s = sum_vh = None
-        for i, tv in enumerate(task_vectors):
-            u, s, vh = svd(tv[key])
-            if sum_u is None:
-                sum_u, sum_s, sum_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
-            sum_u[:, i * r : (i + 1) * r] = u[:, :r]
-            sum_s[i * r : (i + 1) * r] = s[:r]
-            sum_vh[i * r : (i + 1) * r, :] = vh[:r, :]
-        merged[key] = (polar_factor(sum_u) @ torch.diag(sum_s) @ polar_factor(sum_vh)).to(dtype)
-    return merged
+def tsv_m_key(tensors: Sequence[Tensor]) -> Tensor:
+    """TSV-Merge of one parameter (the mean over tasks for a key that is not 2-D), in the task
+    vectors' dtype."""
+    n_tasks = len(tensors)
+    dtype = tensors[0].dtype
+    if tensors[0].ndim != 2:
+        return (sum_tensors(tensors) / n_tasks).to(dtype)
+    r = min(tensors[0].shape) // n_tasks
+    sum_u = sum_s = sum_vh = None
+    for i, x in enumerate(tensors):
+        u, s, vh = svd(x)
+        if sum_u is None:
+            sum_u, sum_s, sum_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
+        sum_u[:, i * r : (i + 1) * r] = u[:, :r]
+        sum_s[i * r : (i + 1) * r] = s[:r]
+        sum_vh[i * r : (i + 1) * r, :] = vh[:r, :]
+    return (polar_factor(sum_u) @ torch.diag(sum_s) @ polar_factor(sum_vh)).to(dtype)
+
+
+@torch.no_grad()
+def tsv_m(task_vectors: Sequence[StateDict] | TaskVectorSource,
+          layer_info: Mapping[str, LayerInfo]) -> StateDict:
+    """TSV-Merge (Gargiulo et al. 2025, arXiv:2412.00081; see the module docstring), key by
+    key. ``layer_info`` is unused."""
+    src = as_source(task_vectors)
+    return {key: tsv_m_key(src.read(key)) for key in src.iter_keys("TSV-M")}
