@@ -706,32 +706,36 @@ def hogsvd_merge(
     blocks_of = dict(work)
     merged: StateDict = {}
     for key in src.iter_keys("HO-GSVD merge"):
-        tensors = src.read(key)
-        first = tensors[0]
-        if key not in blocks_of:
-            merged[key] = sum_tensors(tensors).to(first.dtype)
-            continue
-        blocks = blocks_of[key]
-        parts = []
-        for b in range(blocks):
-            chunk = [x.chunk(blocks, dim=0)[b] for x in tensors]
-            entry = None if index is None else index[key, b]
-            try:
-                if entry is None:
-                    u, s, vh = higher_order_factors(chunk, pi=pi, dtype=dtype)
-                else:
-                    u, s, vh = higher_order_factors(chunk, dtype=dtype, basis=entry.V, transpose=entry.transposed)
-            except ValueError as err:
-                raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
-            if entry is not None:
-                want = entry.sigma.to(s.device, torch.float64).sum(0).sort(descending=True).values
-                diff = float((s.to(torch.float64) - want).norm())
-                if not diff <= _SIGMA_TOL * math.sqrt(torch.finfo(dtype).eps) * float(want.norm()):
-                    raise CheckpointError(
-                        f"{where}, key {key!r}, row block {b}: the cached sigma does not match the task vectors "
-                        f"(relative difference {diff / float(want.norm()):.3g}; a cache of other task vectors?): "
-                        "delete it and rerun (rule hogsvd)"
-                    )
-            parts.append(_compose(u, s, vh, first.dtype))
-        merged[key] = torch.cat(parts, dim=0)
+        merged[key] = _hogsvd_merge_key(key, src.read(key), blocks_of.get(key), index, pi, dtype,
+                                        where if index is not None else "")
     return merged
+
+
+def _hogsvd_merge_key(key: str, tensors: list[Tensor], blocks: int | None, index, pi: float,
+                      dtype: torch.dtype, where: str) -> Tensor:
+    """One parameter of :func:`hogsvd_merge` (``blocks``: its row blocks; None: not a target)."""
+    first = tensors[0]
+    if blocks is None:
+        return sum_tensors(tensors).to(first.dtype)
+    parts = []
+    for b in range(blocks):
+        chunk = [x.chunk(blocks, dim=0)[b] for x in tensors]
+        entry = None if index is None else index[key, b]
+        try:
+            if entry is None:
+                u, s, vh = higher_order_factors(chunk, pi=pi, dtype=dtype)
+            else:
+                u, s, vh = higher_order_factors(chunk, dtype=dtype, basis=entry.V, transpose=entry.transposed)
+        except ValueError as err:
+            raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
+        if entry is not None:
+            want = entry.sigma.to(s.device, torch.float64).sum(0).sort(descending=True).values
+            diff = float((s.to(torch.float64) - want).norm())
+            if not diff <= _SIGMA_TOL * math.sqrt(torch.finfo(dtype).eps) * float(want.norm()):
+                raise CheckpointError(
+                    f"{where}, key {key!r}, row block {b}: the cached sigma does not match the task vectors "
+                    f"(relative difference {diff / float(want.norm()):.3g}; a cache of other task vectors?): "
+                    "delete it and rerun (rule hogsvd)"
+                )
+        parts.append(_compose(u, s, vh, first.dtype))
+    return torch.cat(parts, dim=0)

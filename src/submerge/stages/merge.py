@@ -127,34 +127,34 @@ def choose_tall_lambdas(suite: Suite, experts: Sequence[str], base_path: PathLik
                         settings: EvalSettings, eval_data: Sequence[PathLike] = ()) -> None:
     """TALL masks' λ_t per task (Wang et al. 2024): the λ whose masked multi-task model
     θ_0 + m_t ∘ Δ_TA is most accurate on task t's validation split (ties: smaller λ)."""
-    from submerge.merging.task_arithmetic import sum_tensors
-
     device = resolve_device(settings.device)
     base = load_base(base_path, device)
+    scores: dict[str, dict[str, float]] = {e: {} for e in experts}
     with open_task_vectors(tv_paths, device) as source:
-        # Δ_MTL = Σ_t Δ_t in the compute dtype (what tall_masks compares with), Δ_TA in the
-        # task vectors' dtype (the same tensors for float32)
-        mtl = {key: sum_tensors(source.read(key)) for key in source.iter_keys("TALL: TA")}
-        ta = {key: mtl[key].to(source.meta(key)[1]) for key in source.keys}
-        scores = _tall_scores(suite, experts, source, base, mtl, ta, lambdas, settings, device,
-                              eval_data)
+        mtl, ta = _tall_sums(source)
+        for lam in sorted(lambdas):
+            for i, expert in enumerate(experts):
+                delta = _tall_masked(source, i, lam, mtl, ta)
+                adapter, module, _ = merged_module(suite, base, delta, 1.0, device)
+                acc = evaluate_on(suite, [expert], adapter, module, "val", settings, device,
+                                  eval_data)
+                scores[expert][str(lam)] = acc[expert]
     chosen = {e: float(max(sorted(s, key=float), key=lambda lam: s[lam])) for e, s in scores.items()}
     write_json(out, {"lambdas": chosen, "val_accuracy": scores})
 
 
-def _tall_scores(suite, experts, source, base, mtl, ta, lambdas, settings, device,
-                 eval_data) -> dict[str, dict[str, float]]:
-    """Validation accuracy of θ_0 + m_t ∘ Δ_TA per expert t and λ; task t's mask is built
-    from its own task vector alone, read one parameter at a time."""
+def _tall_sums(source) -> tuple[dict, dict]:
+    """Δ_MTL = Σ_t Δ_t in the compute dtype (what the TALL masks compare with) and Δ_TA in the
+    task vectors' dtype (the same tensors for float32), one parameter at a time."""
+    from submerge.merging.task_arithmetic import sum_tensors
+
+    mtl = {key: sum_tensors(source.read(key)) for key in source.iter_keys("TALL: TA")}
+    return mtl, {key: mtl[key].to(source.meta(key)[1]) for key in source.keys}
+
+
+def _tall_masked(source, index: int, lam: float, mtl: Mapping, ta: Mapping) -> dict:
+    """m_t ∘ Δ_TA for task ``index`` at λ (its mask needs its own task vector only)."""
     from submerge.merging.consensus import tall_masks_key
 
-    scores: dict[str, dict[str, float]] = {e: {} for e in experts}
-    for lam in sorted(lambdas):
-        for i, expert in enumerate(experts):
-            delta = {k: ta[k] * tall_masks_key([source.read_one(i, k)], [lam], mtl[k])[0]
-                     for k in source.keys}
-            adapter, module, _ = merged_module(suite, base, delta, 1.0, device)
-            acc = evaluate_on(suite, [expert], adapter, module, "val", settings, device,
-                              eval_data)
-            scores[expert][str(lam)] = acc[expert]
-    return scores
+    return {k: ta[k] * tall_masks_key([source.read_one(index, k)], [lam], mtl[k])[0]
+            for k in source.keys}

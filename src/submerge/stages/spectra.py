@@ -59,4 +59,5 @@ def _hogsvd_entries(source, settings: HOGSVDSettings) -> list:
                                        V=res.V, sigma=res.sigma, eigvals=res.eigvals,
                                        transposed=res.transposed, seconds=seconds))
             log.info("%s[%d] %s: %.3f s", key, b, tuple(mats[0].shape), seconds)
+        del tensors, mats  # before the next key is read
     return entries
