@@ -247,3 +247,84 @@ def test_tall_masked_deltas_equal_the_in_memory_masks(tmp_path):
             for i in range(3):
                 got = merge_stage._tall_masked(source, i, lam, mtl, ta)
                 assert_same(got, {k: want_ta[k] * masks[i][k] for k in sorted(want_ta)})
+
+
+# ------------------------------------------------- TSV-M's truncated decomposition (top_svd)
+
+def known_svd(m, n, s, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = len(s)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor(s, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype), u, s, v
+
+
+@pytest.mark.parametrize("m,n", [(40, 12), (12, 40)])
+def test_gram_path_gives_the_known_top_triplets(m, n):
+    from submerge.spectral import top_svd_gram
+
+    spectrum = [10.0 / (i + 1) for i in range(12)]
+    a, u, s, v = known_svd(m, n, spectrum)
+    got_u, got_s, got_vh = top_svd_gram(a, 5)
+    torch.testing.assert_close(got_s, s[:5], rtol=1e-12, atol=0)
+    signs = torch.sign((got_u * u[:, :5]).sum(0))  # vectors are defined up to sign
+    torch.testing.assert_close(got_u * signs, u[:, :5], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got_vh * signs[:, None], v[:, :5].T, rtol=0, atol=1e-10)
+    assert [t.shape for t in top_svd_gram(a, 0)] == [(m, 0), (0,), (0, n)]
+
+
+def diagonal(spectrum, m=30, n=20):
+    a = torch.zeros(m, n, dtype=torch.float64)
+    a[range(len(spectrum)), range(len(spectrum))] = torch.tensor(spectrum, dtype=torch.float64)
+    return a
+
+
+@pytest.mark.parametrize("a,why", [
+    (diagonal([5.0, 4.0, 3.0, 3.0, 1.0]), "equal singular values at the cut"),
+    (diagonal([5.0, 4.0, 0.0, 0.0, 0.0]), "rank below r"),
+    (known_svd(30, 20, [1.0, 0.5, 1e-7, 1e-8, 1e-9])[0], "too ill-conditioned for the Gram matrix"),
+])
+def test_gram_path_refuses_and_top_svd_falls_back_to_the_full_svd(a, why):
+    from submerge.spectral import svd, top_svd, top_svd_gram
+
+    assert top_svd_gram(a, 3) is None, why
+    u, s, vh = svd(a)
+    for got, want in zip(top_svd(a, 3, truncated=True), (u[:, :3], s[:3], vh[:3])):
+        assert torch.equal(got, want)
+
+
+def tsv_inputs(m, n, t, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g)
+    return [((shared + torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g)) / 8
+             + 0.1 * torch.randn(m, n, generator=g)).to(dtype) for _ in range(t)]
+
+
+@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("m,n", [(300, 260), (260, 520)])
+def test_tsv_m_truncated_equals_full_svd_within_tolerance(m, n, seed):
+    """float64 input: the two agree to 1e-11; float32: to 2e-4 (relative Frobenius), and the
+    Gram path (float64 inside) is no farther from the float64 result than the float32 SVD."""
+    from submerge.merging.tsv import tsv_m_key
+    from submerge.spectral import top_svd_gram
+
+    exact = tsv_m_key(tsv_inputs(m, n, 4, torch.float64, seed), truncated=False)
+    for dtype, tol in ((torch.float32, 2e-4), (torch.float64, 1e-11)):
+        tvs = tsv_inputs(m, n, 4, dtype, seed)
+        assert all(top_svd_gram(x, min(m, n) // 4) is not None for x in tvs)  # the Gram path ran
+        fast, full = tsv_m_key(tvs, truncated=True), tsv_m_key(tvs, truncated=False)
+        assert float((fast - full).norm() / full.norm()) < tol
+        if dtype == torch.float32:
+            err_fast = float((fast.double() - exact).norm() / exact.norm())
+            err_full = float((full.double() - exact).norm() / exact.norm())
+            assert err_fast <= err_full * 1.2
+        # the default takes the Gram path at this size (min side >= 256, r <= min side / 4)
+        assert torch.equal(tsv_m_key(tvs), fast)
+
+
+def test_tsv_m_small_matrices_keep_the_full_svd():
+    from submerge.merging.tsv import tsv_m_key
+
+    tvs = tsv_inputs(40, 30, 3, torch.float32)
+    assert torch.equal(tsv_m_key(tvs), tsv_m_key(tvs, truncated=False))
