@@ -328,3 +328,15 @@ def test_tsv_m_small_matrices_keep_the_full_svd():
 
     tvs = tsv_inputs(40, 30, 3, torch.float32)
     assert torch.equal(tsv_m_key(tvs), tsv_m_key(tvs, truncated=False))
+
+
+def test_job_threads_cap_intra_and_inter_op_threads():
+    import subprocess
+    import sys
+
+    code = ("import torch; from submerge.logs import setup_logging; setup_logging(None, 1); "
+            "print(torch.get_num_threads(), torch.get_num_interop_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in __import__("os").environ.items()
+                              if not k.endswith("_NUM_THREADS")})
+    assert out.stdout.split() == ["1", "1"]

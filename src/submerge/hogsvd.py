@@ -423,6 +423,8 @@ def _check_selection(alignment: Tensor, pool: Sequence[int], candidates: Sequenc
         raise ValueError(f"indices {both} are both in the pool and among the candidates")
     if not 0 <= k <= len(candidates):
         raise ValueError(f"k={k} must lie in 0..{len(candidates)} (the number of candidates)")
+    # the greedy selection indexes this small N x N matrix entry by entry: on the host (one
+    # transfer), not one device synchronisation per entry
     a = alignment.detach().to("cpu", torch.float64)
     return (a + a.T) / 2
 

@@ -113,6 +113,8 @@ def threshold_table(task_vector: Mapping[str, Tensor]) -> dict[str, float]:
     if d == 0:
         return {}
     dtype = _flat_dtype(task_vector[key].dtype for key in keys)
+    # on the host: numpy's partition selects all 99 order statistics in one pass (extraction
+    # runs on the CPU; a CUDA task vector is copied key by key into the host vector)
     flat = _flatten_task(keys, sizes, task_vector.__getitem__, dtype, "cpu").numpy()
     ranks = sorted({kth_rank(d, k) - 1 for k in TABLE_PERCENTS})
     flat.partition(ranks)
