@@ -177,9 +177,8 @@ def test_rules_hold_one_parameter_of_the_experts_at_a_time(name, kwargs):
     got = merge(name, source, INFO, **kwargs)
     lines_alpha(source, got)
     assert source.reads >= len(tvs) * len(SHAPES)
-    # one tensor of another key may be alive only while a task is being flattened (TIES'
-    # threshold pass reads one task at a time and copies each key into the flat vector)
-    assert source.max_other_alive <= (1 if name in ("ties", "consensus") else 0)
+    # no tensor of another key is alive when a key is read
+    assert source.max_other_alive == 0
     assert_same(got, merge(name, tvs, INFO, **kwargs))
 
 

@@ -58,12 +58,18 @@ def kth_rank(d: int, k: float) -> int:
 
 
 def _flatten_task(keys: Sequence[str], sizes: Sequence[int], get: Callable[[str], Tensor],
-                  dtype: torch.dtype, device) -> Tensor:
-    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+                  dtype: torch.dtype, device=None) -> Tensor:
+    """``|Delta|`` of one task over ``keys`` (sorted), read key by key (``get``) into one flat
+    vector of ``dtype`` on ``device`` (default: the first tensor's)."""
+    flat = None
     offset = 0
     for key, n in zip(keys, sizes):
-        flat[offset : offset + n] = get(key).reshape(-1).abs()
+        x = get(key)
+        if flat is None:
+            flat = torch.empty(sum(sizes), dtype=dtype, device=x.device if device is None else device)
+        flat[offset : offset + n] = x.reshape(-1).abs()
         offset += n
+        del x  # before the next key is read
     return flat
 
 
@@ -78,10 +84,7 @@ def _thresholds(src: TaskVectorSource, k: float) -> list[Tensor | None]:
         if d == 0:
             out.append(None)
             continue
-        first = src.read_one(i, keys[0])
-        flat = _flatten_task(keys, sizes, lambda key: first if key == keys[0] else src.read_one(i, key),
-                             dtype, first.device)
-        del first
+        flat = _flatten_task(keys, sizes, lambda key, i=i: src.read_one(i, key), dtype)
         out.append(torch.kthvalue(flat, kth_rank(d, k)).values)
         del flat
     return out
