@@ -339,3 +339,19 @@ def test_job_threads_cap_intra_and_inter_op_threads():
                          env={k: v for k, v in __import__("os").environ.items()
                               if not k.endswith("_NUM_THREADS")})
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_rule_written_for_lists_runs_on_a_file_source(tmp_path):
+    """A merge rule that indexes ``task_vectors[i][key]`` (docs/extending.md) gets the same
+    result from the files (each task vector is a read-on-access mapping)."""
+    def mean_rule(task_vectors, layer_info):
+        keys = sorted(task_vectors[0])
+        return {k: sum(tv[k] for tv in task_vectors) / len(task_vectors) for k in keys}
+
+    tvs = make_tvs(3)
+    with hdf5.TaskVectorFiles(write(tmp_path, tvs)) as source:
+        assert_same(mean_rule(source, INFO), mean_rule(tvs, INFO))
+        with pytest.raises(KeyError):
+            source[0]["nope"]
+        with pytest.raises(IndexError):
+            source[3]

@@ -16,6 +16,7 @@ was extracted).
 
 from __future__ import annotations
 
+from collections.abc import Mapping as MappingABC
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -53,6 +54,16 @@ class TaskVectorSource:
         the task vectors (recorded at extraction); ``None`` when it must be computed."""
         return None
 
+    def __getitem__(self, index: int) -> Mapping[str, Tensor]:
+        """Task vector ``index`` as a read-on-access mapping, so that a merge rule written for a
+        list of state dicts also runs on a source (each access reads the key again)."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return _LazyTaskVector(self, index)
+
+    def __iter__(self) -> Iterator[Mapping[str, Tensor]]:
+        return (self[i] for i in range(len(self)))
+
     def iter_keys(self, desc: str) -> Iterator[str]:
         """The keys in sorted order, with a progress bar for sources that read files."""
         if not self.progress:
@@ -60,6 +71,24 @@ class TaskVectorSource:
         from tqdm import tqdm
 
         return iter(tqdm(self.keys, desc=desc, unit="param", mininterval=5, leave=False))
+
+
+class _LazyTaskVector(MappingABC):
+    """One task vector of a source; ``tv[key]`` reads the key."""
+
+    def __init__(self, source: TaskVectorSource, index: int):
+        self._source, self._index = source, index
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._source.keys:
+            raise KeyError(key)
+        return self._source.read_one(self._index, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.keys)
+
+    def __len__(self) -> int:
+        return len(self._source.keys)
 
 
 class InMemorySource(TaskVectorSource):
@@ -84,6 +113,9 @@ class InMemorySource(TaskVectorSource):
 
     def read_one(self, index: int, key: str) -> Tensor:
         return self.task_vectors[index][key]
+
+    def __getitem__(self, index: int) -> Mapping[str, Tensor]:
+        return self.task_vectors[index]
 
 
 def as_source(task_vectors: Sequence[Mapping[str, Tensor]] | TaskVectorSource) -> TaskVectorSource:
