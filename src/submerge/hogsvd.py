@@ -64,8 +64,9 @@ from torch import Tensor
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.layers import LayerInfo
-from submerge.merging.task_arithmetic import sum_key
-from submerge.merging.task_vectors import StateDict, check_layer_info, check_task_vectors
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_arithmetic import sum_tensors
+from submerge.merging.task_vectors import StateDict, check_layer_info
 from submerge.merging.tsv import polar_factor
 
 if TYPE_CHECKING:
@@ -422,6 +423,8 @@ def _check_selection(alignment: Tensor, pool: Sequence[int], candidates: Sequenc
         raise ValueError(f"indices {both} are both in the pool and among the candidates")
     if not 0 <= k <= len(candidates):
         raise ValueError(f"k={k} must lie in 0..{len(candidates)} (the number of candidates)")
+    # the greedy selection indexes this small N x N matrix entry by entry: on the host (one
+    # transfer), not one device synchronisation per entry
     a = alignment.detach().to("cpu", torch.float64)
     return (a + a.T) / 2
 
@@ -591,7 +594,7 @@ def _compose(u: Tensor, s: Tensor, vh: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _cache_bases(
     cache: HOGSVDCache,
-    task_vectors: Sequence[StateDict],
+    src: TaskVectorSource,
     work: list[tuple[str, int]],
     pi: float | None,
 ) -> tuple[float, dict[tuple[str, int], object], str]:
@@ -613,14 +616,14 @@ def _cache_bases(
     cache_pi = float(attrs["pi"])
     if pi is not None and float(pi) != cache_pi:
         raise CheckpointError(f"{where} was computed with pi={cache_pi!r}, the merge asks for pi={pi!r}: {redo}")
-    n_mat = len(task_vectors)
+    n_mat = len(src)
     if len(experts) != n_mat:
         raise CheckpointError(
             f"{where} holds the HO-GSVD of {len(experts)} experts {list(experts)}, the merge has {n_mat} task vectors"
         )
     index = {(e.key, e.row_block): e for e in entries}
     for key, blocks in work:
-        rows, cols = task_vectors[0][key].shape
+        rows, cols = src.meta(key)[0]
         rows //= blocks
         transposed, n = rows < cols, min(rows, cols)  # hogsvd's automatic orientation
         for b in range(blocks):
@@ -645,7 +648,7 @@ def _cache_bases(
 
 @torch.no_grad()
 def hogsvd_merge(
-    task_vectors: Sequence[StateDict],
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
     layer_info: Mapping[str, LayerInfo],
     *,
     pi: float | None = None,
@@ -686,49 +689,55 @@ def hogsvd_merge(
             _check_pi(pi)
         except ValueError as err:
             raise ConfigError(f"merge rule 'hogsvd': hyperparameter {err}") from None
-    keys = check_task_vectors(task_vectors)
-    if len(task_vectors) < 2:
-        raise ValueError(f"hogsvd merge needs at least 2 task vectors, got {len(task_vectors)}")
+    src = as_source(task_vectors)
+    keys = src.keys
+    if len(src) < 2:
+        raise ValueError(f"hogsvd merge needs at least 2 task vectors, got {len(src)}")
     check_layer_info(keys, layer_info)
     targets = boost_targets(layer_info, layers=layers, attn_mode=attn_mode)
-    work = [(key, targets[key]) for key in keys if key in targets and task_vectors[0][key].ndim == 2]
+    work = [(key, targets[key]) for key in keys if key in targets and len(src.meta(key)[0]) == 2]
     for key, blocks in work:  # like subspace_boost: only 2-D weights
-        rows = task_vectors[0][key].shape[0]
+        rows = src.meta(key)[0][0]
         if rows % blocks:
             raise CheckpointError(f"key {key!r}: {rows} rows cannot be split into {blocks} equal blocks")
     index = None
     if cache is not None:
-        pi, index, where = _cache_bases(cache, task_vectors, work, pi)
+        pi, index, where = _cache_bases(cache, src, work, pi)
     elif pi is None:
         pi = DEFAULT_PI
     blocks_of = dict(work)
     merged: StateDict = {}
-    for key in keys:
-        first = task_vectors[0][key]
-        if key not in blocks_of:
-            merged[key] = sum_key(task_vectors, key).to(first.dtype)
-            continue
-        blocks = blocks_of[key]
-        parts = []
-        for b in range(blocks):
-            chunk = [tv[key].chunk(blocks, dim=0)[b] for tv in task_vectors]
-            entry = None if index is None else index[key, b]
-            try:
-                if entry is None:
-                    u, s, vh = higher_order_factors(chunk, pi=pi, dtype=dtype)
-                else:
-                    u, s, vh = higher_order_factors(chunk, dtype=dtype, basis=entry.V, transpose=entry.transposed)
-            except ValueError as err:
-                raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
-            if entry is not None:
-                want = entry.sigma.to(s.device, torch.float64).sum(0).sort(descending=True).values
-                diff = float((s.to(torch.float64) - want).norm())
-                if not diff <= _SIGMA_TOL * math.sqrt(torch.finfo(dtype).eps) * float(want.norm()):
-                    raise CheckpointError(
-                        f"{where}, key {key!r}, row block {b}: the cached sigma does not match the task vectors "
-                        f"(relative difference {diff / float(want.norm()):.3g}; a cache of other task vectors?): "
-                        "delete it and rerun (rule hogsvd)"
-                    )
-            parts.append(_compose(u, s, vh, first.dtype))
-        merged[key] = torch.cat(parts, dim=0)
+    for key in src.iter_keys("HO-GSVD merge"):
+        merged[key] = _hogsvd_merge_key(key, src.read(key), blocks_of.get(key), index, pi, dtype,
+                                        where if index is not None else "")
     return merged
+
+
+def _hogsvd_merge_key(key: str, tensors: list[Tensor], blocks: int | None, index, pi: float,
+                      dtype: torch.dtype, where: str) -> Tensor:
+    """One parameter of :func:`hogsvd_merge` (``blocks``: its row blocks; None: not a target)."""
+    first = tensors[0]
+    if blocks is None:
+        return sum_tensors(tensors).to(first.dtype)
+    parts = []
+    for b in range(blocks):
+        chunk = [x.chunk(blocks, dim=0)[b] for x in tensors]
+        entry = None if index is None else index[key, b]
+        try:
+            if entry is None:
+                u, s, vh = higher_order_factors(chunk, pi=pi, dtype=dtype)
+            else:
+                u, s, vh = higher_order_factors(chunk, dtype=dtype, basis=entry.V, transpose=entry.transposed)
+        except ValueError as err:
+            raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
+        if entry is not None:
+            want = entry.sigma.to(s.device, torch.float64).sum(0).sort(descending=True).values
+            diff = float((s.to(torch.float64) - want).norm())
+            if not diff <= _SIGMA_TOL * math.sqrt(torch.finfo(dtype).eps) * float(want.norm()):
+                raise CheckpointError(
+                    f"{where}, key {key!r}, row block {b}: the cached sigma does not match the task vectors "
+                    f"(relative difference {diff / float(want.norm()):.3g}; a cache of other task vectors?): "
+                    "delete it and rerun (rule hogsvd)"
+                )
+        parts.append(_compose(u, s, vh, first.dtype))
+    return torch.cat(parts, dim=0)

@@ -13,12 +13,21 @@ def setup_logging(log_path: str | os.PathLike | None, threads: int | None = None
     """Log INFO and above to ``log_path`` (Snakemake's ``log:``) and to stderr; an uncaught
     error goes to the log file too. ``threads`` (Snakemake's ``threads`` of the job) caps the
     math libraries' threads, so that parallel jobs do not oversubscribe the cores (two
-    spinning OpenMP threads per core made one SVD 30x slower)."""
+    spinning OpenMP threads per core made one SVD 30x slower). Torch's intra-op threads (OpenMP,
+    MKL) and its inter-op pool both get ``threads`` when torch is already imported (the scripts
+    import the stage modules first); otherwise the environment variables cap the intra-op
+    threads when torch is imported. Without ``threads`` (a library caller) torch's settings are
+    the caller's."""
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)
         if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(int(threads))
+            torch = sys.modules["torch"]
+            torch.set_num_threads(int(threads))
+            try:
+                torch.set_num_interop_threads(int(threads))
+            except RuntimeError:  # settable once, before any inter-op work; a job has done none
+                logging.getLogger("submerge").debug("inter-op threads already set")
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ from torch import Tensor
 __all__ = [
     "compute_dtype",
     "svd",
+    "top_svd",
+    "top_svd_gram",
     "singular_values",
     "stable_rank",
     "energy_rank",
@@ -46,6 +48,77 @@ def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if work.device.type != "cuda":
             raise
         return torch.linalg.svd(work, full_matrices=False, driver="gesvd")
+
+
+# Truncated decomposition (top_svd): matrices whose smaller side is below this use the full SVD
+# (it costs microseconds there, and small models keep bitwise their earlier results)
+TRUNCATED_MIN_DIM = 256
+
+
+@torch.no_grad()
+def top_svd_gram(matrix: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The top ``r`` singular triplets ``(U_r, S_r, Vh_r)`` of a 2-D tensor ``A`` from the
+    eigendecomposition of its smaller Gram matrix (``A^T A`` or ``A A^T``), formed and
+    decomposed in float64, or ``None`` where that is not accurate.
+
+    The Gram matrix squares the condition number; in float64 that costs the float32 result
+    nothing (measured on TSV-M inputs: 5-10x closer to the float64 SVD than the float32 SVD
+    is) and the symmetric eigensolver is 1.5-3x cheaper than the float32 SVD of a 3072x768
+    matrix on one CPU thread (as fast for 768x768). Refused (``None``) when
+
+    * ``sigma_r = 0``, or ``sigma_r`` and ``sigma_{r+1}`` coincide to float64 precision
+      (``(sigma_r^2 - sigma_{r+1}^2) / sigma_1^2 < 16 eps_64``): no top-``r`` subspace;
+    * the other side's vectors ``A v_i / sigma_i`` are not orthonormal to 4096 eps of the
+      result's dtype (4.9e-4 for float32, 9.1e-13 for float64 input): too ill-conditioned.
+
+    Singular vectors are determined up to sign (and rotation within equal singular values), as
+    for any SVD. Returned in float32 (float64 for float64 input)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"top_svd_gram expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+    out_dtype = compute_dtype(matrix.dtype)
+    work = matrix.to(torch.float64)
+    m, n = work.shape
+    k = min(m, n)
+    if not 0 <= r <= k:
+        raise ValueError(f"top_svd_gram: r={r} outside 0..{k} for shape {(m, n)}")
+    if r == 0:
+        return (work.new_zeros(m, 0, dtype=out_dtype), work.new_zeros(0, dtype=out_dtype),
+                work.new_zeros(0, n, dtype=out_dtype))
+    tall = m >= n
+    lam, vecs = torch.linalg.eigh(work.T @ work if tall else work @ work.T)  # ascending
+    lam, vecs = lam.flip(0), vecs.flip(1)
+    top = float(lam[0])
+    gap_ok = r == k or float(lam[r - 1] - lam[r]) >= 16 * torch.finfo(torch.float64).eps * top
+    if not (float(lam[r - 1]) > 0 and gap_ok):
+        return None
+    s = lam[:r].sqrt()
+    basis = vecs[:, :r]
+    other = (work @ basis) / s if tall else (basis.T @ work) / s[:, None]
+    other_gram = other.T @ other if tall else other @ other.T
+    eye = torch.eye(r, dtype=torch.float64, device=work.device)
+    if not float((other_gram - eye).abs().max()) <= 4096 * torch.finfo(out_dtype).eps:
+        return None
+    u, vh = (other, basis.T) if tall else (basis, other)
+    return u.to(out_dtype), s.to(out_dtype), vh.to(out_dtype)
+
+
+@torch.no_grad()
+def top_svd(matrix: Tensor, r: int, *, truncated: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``r`` singular triplets ``(U[:, :r], S[:r], Vh[:r])`` of a 2-D tensor.
+
+    ``truncated``: ``True`` tries :func:`top_svd_gram` and falls back to the full :func:`svd`
+    where it is not accurate; ``False`` always uses the full SVD; ``None`` (default) tries it
+    when the smaller side is at least ``TRUNCATED_MIN_DIM`` (256) and ``r`` at most a quarter of
+    it (TSV-M from 4 tasks on)."""
+    if truncated is None:
+        k = min(matrix.shape)
+        truncated = k >= TRUNCATED_MIN_DIM and 4 * r <= k
+    if truncated:
+        out = top_svd_gram(matrix, r)
+        if out is not None:
+            return out
+    u, s, vh = svd(matrix)
+    return u[:, :r], s[:r], vh[:r, :]
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ import torch
 from submerge.errors import CheckpointError
 from submerge.io.atomic import atomic_path
 from submerge.layers import LayerInfo
+from submerge.merging.source import TaskVectorSource
 
 StateDict = dict[str, torch.Tensor]
 Factors = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -179,11 +180,14 @@ def _count(kind: str, entries: Mapping) -> int:
     return len(entries["dense"]) + len(_FACTOR_NAMES) * n_blocks
 
 
-def _write_manifest(f: h5py.File, kind: str, entries: Mapping, digests: Mapping[str, str]) -> None:
+def _write_manifest(f: h5py.File, kind: str, entries: Mapping, digests: Mapping[str, str],
+                    stats: Mapping | None = None) -> None:
     """Record the manifest; called after every dataset is written."""
     manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "kind": kind,
                 "n_datasets": _count(kind, entries), "entries_sha256": _entries_digest(entries),
                 "entries": entries, "data_sha256": dict(digests)}
+    if stats:
+        manifest.update(stats=dict(stats), stats_sha256=_entries_digest(stats))
     f.create_dataset(MANIFEST, data=json.dumps(manifest), dtype=h5py.string_dtype("utf-8"))
     f.flush()
 
@@ -210,6 +214,7 @@ class _Check:
     def __init__(self, path, f: h5py.File, kind: str):
         self.path, self.advice = path, _advice(f, kind)
         self.digests: Mapping[str, str] = {}
+        self.stats: Mapping = {}
 
     def error(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {what}: {self.advice}")
@@ -263,15 +268,19 @@ def _verify(f: h5py.File, path, kind: str) -> tuple[dict, _Check]:
         manifest = json.loads(f[MANIFEST].asstr()[()])
         entries = manifest["entries"]
         digests = manifest.get("data_sha256", {})
+        stats = manifest.get("stats", {})
         ok = (manifest["format"] == _MANIFEST_FORMAT and manifest["version"] == _MANIFEST_VERSION
               and manifest["entries_sha256"] == _entries_digest(entries)
               and manifest["n_datasets"] == _count(manifest["kind"], entries)
-              and isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values()))
+              and isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())
+              and ("stats" not in manifest or (isinstance(stats, dict)
+                                               and manifest["stats_sha256"] == _entries_digest(stats))))
     except (OSError, KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
         raise check.error(f"unreadable manifest ({type(exc).__name__}: {exc})") from exc
     if not ok:
         raise check.error("corrupt manifest (format, checksum or dataset count does not match)")
     check.digests = digests
+    check.stats = stats
     if manifest["kind"] != kind:
         names = {"state_dict": "a task-vector (state dict) store", "factored": "a factored store"}
         raise CheckpointError(f"HDF5 store {path} is {names.get(manifest['kind'], manifest['kind'])}, "
@@ -326,8 +335,11 @@ def _reading(path, f: h5py.File, kind: str) -> Iterator[None]:
 # --- stores --------------------------------------------------------------------------------
 
 def write_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
-                     layer_info: Mapping[str, LayerInfo], attrs: Mapping) -> None:
-    """Write a (task-vector) state dict, one dataset per key, and its manifest, atomically."""
+                     layer_info: Mapping[str, LayerInfo], attrs: Mapping,
+                     stats: Mapping | None = None) -> None:
+    """Write a (task-vector) state dict, one dataset per key, and its manifest, atomically.
+    ``stats``: JSON-serialisable summaries kept in the manifest under its checksum (a task
+    vector's TIES thresholds, :data:`TIES_THRESHOLDS`)."""
     with atomic_path(path) as tmp, _open(tmp, "w") as f:
         _write_attrs(f, attrs)
         entries, digests = {}, {}
@@ -335,7 +347,7 @@ def write_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
             _check_key(key, layer_info, path)
             ds, entries[key] = _write_tensor(f, key, tensor, digests)
             _info_attrs(ds, layer_info[key])
-        _write_manifest(f, "state_dict", entries, digests)
+        _write_manifest(f, "state_dict", entries, digests, stats)
 
 
 def read_state_dict(path: str | os.PathLike, keys: Sequence[str] | None = None
@@ -366,6 +378,133 @@ def read_key(paths: Sequence[str | os.PathLike], key: str) -> list[torch.Tensor]
                 raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
             out.append(_read_tensor(f[key], check))
     return out
+
+
+TIES_THRESHOLDS = "ties_thresholds"  # stats key: {"<k>": threshold} (merging.ties.threshold_table)
+
+
+def _ties_table(check: "_Check") -> dict[str, float] | None:
+    """A store's recorded TIES thresholds, checked (every percentage of
+    ``merging.ties.TABLE_PERCENTS``, finite, >= 0, not increasing in k); None if not recorded."""
+    from submerge.merging.ties import TABLE_PERCENTS
+
+    table = check.stats.get(TIES_THRESHOLDS)
+    if table is None:
+        return None
+    try:
+        values = [float(table[str(k)]) for k in TABLE_PERCENTS]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise check.error(f"the recorded TIES thresholds are incomplete ({exc!r})") from exc
+    if (len(table) != len(TABLE_PERCENTS) or not all(np.isfinite(v) and v >= 0 for v in values)
+            or any(a < b for a, b in zip(values, values[1:]))):
+        raise check.error("the recorded TIES thresholds are not finite, non-negative and "
+                          "non-increasing in k (the file is damaged)")
+    return dict(zip((str(k) for k in TABLE_PERCENTS), values))
+
+
+class TaskVectorFiles(TaskVectorSource):
+    """Task-vector stores opened once, each checked against its manifest, and read one
+    parameter of every store at a time (a :class:`submerge.merging.source.TaskVectorSource`
+    the merge rules stream from). Every dataset read is checked against its sha256. Use as a
+    context manager (or call :meth:`close`).
+
+    The stores must hold the same float keys with the same shapes and dtypes
+    (:class:`CheckpointError` naming the files otherwise); ``layer_info`` is the first store's.
+    ``reads`` counts the tensors read (what a test of the streaming looks at)."""
+
+    progress = True
+
+    def __init__(self, paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu"):
+        if len(paths) == 0:
+            raise ValueError("no task vectors given: need at least one expert")
+        self.paths = [str(p) for p in paths]
+        self.device = torch.device(device)
+        self.reads = 0
+        self._files: list[h5py.File] = []
+        self._checks: list[_Check] = []
+        self._tables: list[dict[str, float] | None] = []
+        try:
+            entries = []
+            for path in self.paths:
+                f = _open(path, "r")
+                self._files.append(f)
+                with _reading(path, f, "state_dict"):
+                    ent, check = _verify(f, path, "state_dict")
+                    self._tables.append(_ties_table(check))
+                entries.append(ent)
+                self._checks.append(check)
+            self._entries = entries[0]
+            self.keys = sorted(self._entries)
+            for path, ent in zip(self.paths, entries):
+                self._check_same(path, ent)
+            with _reading(self.paths[0], self._files[0], "state_dict"):
+                self.layer_info = {key: _read_info(self._files[0][key]) for key in self.keys}
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_same(self, path: str, ent: Mapping) -> None:
+        first = self.paths[0]
+        if set(ent) != set(self._entries):
+            diff = sorted(set(ent) ^ set(self._entries))[:5]
+            raise CheckpointError(f"task vectors {path} and {first} differ in key(s) {diff}")
+        for key in self.keys:
+            a, b = ent[key], self._entries[key]
+            if (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
+                raise CheckpointError(f"{path}, key {key!r}: {tuple(a['shape'])}/{a['dtype']} differs "
+                                      f"from {first} ({tuple(b['shape'])}/{b['dtype']})")
+            if not getattr(torch, a["dtype"]).is_floating_point:
+                raise CheckpointError(f"{path}, key {key!r}: dtype {a['dtype']} is not a float dtype")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def meta(self, key: str) -> tuple[torch.Size, torch.dtype]:
+        rec = self._entries[key]
+        return torch.Size(rec["shape"]), getattr(torch, rec["dtype"])
+
+    def read_one(self, index: int, key: str) -> torch.Tensor:
+        path, f = self.paths[index], self._files[index]
+        if key not in self._entries:
+            raise CheckpointError(f"HDF5 store {path} has no parameter {key!r}")
+        with _reading(path, f, "state_dict"):
+            tensor = _read_tensor(f[key], self._checks[index])
+        self.reads += 1
+        return tensor.to(self.device)
+
+    def read(self, key: str) -> list[torch.Tensor]:
+        return [self.read_one(i, key) for i in range(len(self.paths))]
+
+    def attrs(self, index: int) -> dict:
+        """The file attributes of store ``index``."""
+        with _reading(self.paths[index], self._files[index], "state_dict"):
+            return _read_attrs(self._files[index])
+
+    def ties_thresholds(self, k: float) -> list[torch.Tensor | None] | None:
+        """The recorded thresholds when every store has them and ``k`` is tabulated."""
+        from submerge.merging.ties import _flat_dtype, threshold_from_table
+
+        if any(t is None for t in self._tables):
+            return None
+        dtype = _flat_dtype(self.meta(key)[1] for key in self.keys)
+        try:
+            return [threshold_from_table(t, k, dtype, self.device) for t in self._tables]
+        except KeyError:
+            return None
+
+    def close(self) -> None:
+        for f in self._files:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - closing a damaged file
+                pass
+        self._files = []
+
+    def __enter__(self) -> "TaskVectorFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_factored(path: str | os.PathLike, dense: Mapping[str, torch.Tensor], factors: Mapping[str, Factors],

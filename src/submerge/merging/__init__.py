@@ -1,7 +1,11 @@
 """Merge rules: pure tensor math on task vectors (no files, no key-name parsing).
 
 Every merge function is ``fn(task_vectors, layer_info, **kwargs) -> Delta_merge`` (without
-alpha); :mod:`submerge.merges` registers each one with its label, paper and hyperparameters,
+alpha), where ``task_vectors`` is a list of state dicts or a
+:class:`~submerge.merging.source.TaskVectorSource` read one parameter of every task vector at a
+time (the merge stage streams from the HDF5 files; same results, bitwise); each rule also has a
+per-parameter entry point (``task_arithmetic_key``, ``ties_elect_key``/``ties_disjoint_key``,
+``consensus_key``, ``tsv_m_key``, ``iso_c_key``, ``iso_cts_key``); :mod:`submerge.merges` registers each one with its label, paper and hyperparameters,
 and :func:`merge` dispatches by registered name. LiNeS (:mod:`.lines`) is a post-processing
 step, not a merge function.
 """

@@ -27,12 +27,13 @@ from torch import Tensor
 
 from submerge.errors import ConfigError
 from submerge.layers import LayerInfo
-from submerge.merging.task_arithmetic import sum_key
-from submerge.merging.task_vectors import StateDict, check_task_vectors
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_arithmetic import sum_tensors
+from submerge.merging.task_vectors import StateDict
 from submerge.merging.ties import ties
 from submerge.spectral import compute_dtype
 
-__all__ = ["tall_masks", "consensus", "BASES"]
+__all__ = ["tall_masks", "tall_masks_key", "consensus", "consensus_key", "BASES"]
 
 BASES = ("ta", "ties")
 
@@ -49,39 +50,57 @@ def _lambdas(lambdas: float | Sequence[float], n_tasks: int) -> list[float]:
     return lambdas
 
 
-def _key_masks(
-    task_vectors: Sequence[Mapping[str, Tensor]], key: str, lambdas: list[float], mtl: Tensor
-) -> list[Tensor]:
+def _key_masks(tensors: Sequence[Tensor], lambdas: Sequence[float], mtl: Tensor) -> list[Tensor]:
     """The TALL masks of all tasks for one key, compared in ``mtl``'s (compute) dtype."""
     out = []
-    for tv, lam in zip(task_vectors, lambdas):
-        x = tv[key].to(mtl.dtype)
+    for x, lam in zip(tensors, lambdas):
+        x = x.to(mtl.dtype)
         out.append(x.abs() > (mtl - x).abs() * lam)
     return out
 
 
 @torch.no_grad()
+def tall_masks_key(tensors: Sequence[Tensor], lambdas: Sequence[float],
+                   multi_task: Tensor | None = None) -> list[Tensor]:
+    """The TALL masks of one parameter, one boolean tensor per task (``lambdas``: one value per
+    task; ``multi_task`` defaults to ``sum_t Delta_t`` of the parameter)."""
+    work = compute_dtype(tensors[0].dtype)
+    mtl = sum_tensors(tensors) if multi_task is None else multi_task.to(work)
+    return _key_masks(tensors, lambdas, mtl)
+
+
+@torch.no_grad()
 def tall_masks(
-    task_vectors: Sequence[StateDict],
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
     lambdas: float | Sequence[float],
     multi_task: Mapping[str, Tensor] | None = None,
 ) -> list[dict[str, Tensor]]:
     """TALL masks ``|Delta_t| > lambda_t * |Delta_MTL - Delta_t|`` (Wang et al. 2024, arXiv:2405.07813),
     one boolean state dict per task. ``multi_task`` defaults to ``sum_t Delta_t``."""
-    keys = check_task_vectors(task_vectors)
-    lambdas = _lambdas(lambdas, len(task_vectors))
-    masks: list[dict[str, Tensor]] = [{} for _ in task_vectors]
-    for key in keys:
-        work = compute_dtype(task_vectors[0][key].dtype)
-        mtl = sum_key(task_vectors, key) if multi_task is None else multi_task[key].to(work)
-        for mask, key_mask in zip(masks, _key_masks(task_vectors, key, lambdas, mtl)):
+    src = as_source(task_vectors)
+    lambdas = _lambdas(lambdas, len(src))
+    masks: list[dict[str, Tensor]] = [{} for _ in range(len(src))]
+    for key in src.iter_keys("TALL masks"):
+        key_masks = tall_masks_key(src.read(key), lambdas, None if multi_task is None else multi_task[key])
+        for mask, key_mask in zip(masks, key_masks):
             mask[key] = key_mask
     return masks
 
 
 @torch.no_grad()
+def consensus_key(tensors: Sequence[Tensor], lambdas: Sequence[float], k: int,
+                  multi_task: Tensor | None = None) -> Tensor:
+    """Consensus of one parameter: ``multi_task * [sum_t mask_t >= k]`` in the task vectors'
+    dtype (``multi_task`` defaults to ``sum_t Delta_t``; ``lambdas``: one value per task)."""
+    work = compute_dtype(tensors[0].dtype)
+    mtl = sum_tensors(tensors) if multi_task is None else multi_task.to(work)
+    count = sum(m.to(torch.int32) for m in _key_masks(tensors, lambdas, mtl))
+    return (mtl * (count >= k)).to(tensors[0].dtype)
+
+
+@torch.no_grad()
 def consensus(
-    task_vectors: Sequence[StateDict],
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
     layer_info: Mapping[str, LayerInfo],
     *,
     lambdas: float | Sequence[float] = 0.4,
@@ -95,13 +114,11 @@ def consensus(
         raise ConfigError(f"consensus: base must be one of {BASES}, got {base!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ConfigError(f"consensus: k must be a non-negative integer, got {k!r}")
-    keys = check_task_vectors(task_vectors)
-    lambdas = _lambdas(lambdas, len(task_vectors))
-    ties_merged = ties(task_vectors, layer_info, k=20, merge="dis-sum") if base == "ties" else None
+    src = as_source(task_vectors)
+    lambdas = _lambdas(lambdas, len(src))
+    ties_merged = ties(src, layer_info, k=20, merge="dis-sum") if base == "ties" else None
     out: StateDict = {}
-    for key in keys:
-        work = compute_dtype(task_vectors[0][key].dtype)
-        mtl = sum_key(task_vectors, key) if ties_merged is None else ties_merged.pop(key).to(work)
-        count = sum(m.to(torch.int32) for m in _key_masks(task_vectors, key, lambdas, mtl))
-        out[key] = (mtl * (count >= k)).to(task_vectors[0][key].dtype)
+    for key in src.iter_keys("Consensus"):
+        mtl = None if ties_merged is None else ties_merged.pop(key)
+        out[key] = consensus_key(src.read(key), lambdas, k, mtl)
     return out

@@ -20,32 +20,37 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from submerge.errors import ConfigError
 from submerge.layers import LayerInfo
-from submerge.merging.task_arithmetic import sum_key
-from submerge.merging.task_vectors import StateDict, check_task_vectors
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_arithmetic import sum_tensors
+from submerge.merging.task_vectors import StateDict
 from submerge.merging.tsv import polar_factor
 from submerge.spectral import svd
 
-__all__ = ["iso_c", "iso_cts", "iso_cts_sizes"]
+__all__ = ["iso_c", "iso_c_key", "iso_cts", "iso_cts_key", "iso_cts_sizes"]
 
 
 @torch.no_grad()
-def iso_c(task_vectors: Sequence[StateDict], layer_info: Mapping[str, LayerInfo]) -> StateDict:
-    """Iso-C (Marczak et al. 2025, arXiv:2502.04959): ``mean(S) U Vh`` of ``sum_t Delta_t``.
-    ``layer_info`` is unused."""
-    keys = check_task_vectors(task_vectors)
-    merged: StateDict = {}
-    for key in keys:
-        dtype = task_vectors[0][key].dtype
-        total = sum_key(task_vectors, key)
-        if total.ndim != 2:
-            merged[key] = (total / len(task_vectors)).to(dtype)
-            continue
-        u, s, vh = svd(total)
-        merged[key] = ((u * s.mean()) @ vh).to(dtype)
-    return merged
+def iso_c_key(tensors: Sequence[Tensor]) -> Tensor:
+    """Iso-C of one parameter (the mean over tasks for a key that is not 2-D)."""
+    dtype = tensors[0].dtype
+    total = sum_tensors(tensors)
+    if total.ndim != 2:
+        return (total / len(tensors)).to(dtype)
+    u, s, vh = svd(total)
+    return ((u * s.mean()) @ vh).to(dtype)
+
+
+@torch.no_grad()
+def iso_c(task_vectors: Sequence[StateDict] | TaskVectorSource,
+          layer_info: Mapping[str, LayerInfo]) -> StateDict:
+    """Iso-C (Marczak et al. 2025, arXiv:2502.04959): ``mean(S) U Vh`` of ``sum_t Delta_t``,
+    key by key. ``layer_info`` is unused."""
+    src = as_source(task_vectors)
+    return {key: iso_c_key(src.read(key)) for key in src.iter_keys("Iso-C")}
 
 
 def iso_cts_sizes(min_dim: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -60,39 +65,46 @@ def iso_cts_sizes(min_dim: int, n_tasks: int, common_space_fraction: float) -> t
     return k_c, (min_dim - k_c) // n_tasks
 
 
+def _check_fraction(common_space_fraction: float) -> None:
+    if not 0.0 <= common_space_fraction <= 1.0:
+        raise ConfigError(f"iso_cts: common_space_fraction must be in [0, 1], got {common_space_fraction}")
+
+
+@torch.no_grad()
+def iso_cts_key(tensors: Sequence[Tensor], common_space_fraction: float = 0.8) -> Tensor:
+    """Iso-CTS of one parameter (the mean over tasks for a key that is not 2-D)."""
+    _check_fraction(common_space_fraction)
+    n_tasks = len(tensors)
+    dtype = tensors[0].dtype
+    total = sum_tensors(tensors)
+    if total.ndim != 2:
+        return (total / n_tasks).to(dtype)
+    k_c, n = iso_cts_sizes(min(total.shape), n_tasks, common_space_fraction)
+    u, s, vh = svd(total)
+    u_c = u[:, :k_c]
+    stacked_u, stacked_s, stacked_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
+    for i, x in enumerate(tensors):
+        w = x.to(total.dtype)
+        u_t, s_t, vh_t = svd(w - u_c @ (u_c.T @ w))
+        stacked_u[:, i * n : (i + 1) * n] = u_t[:, :n]
+        stacked_s[i * n : (i + 1) * n] = s_t[:n]
+        stacked_vh[i * n : (i + 1) * n, :] = vh_t[:n, :]
+    start = n_tasks * n
+    stacked_u[:, start : start + k_c] = u_c
+    stacked_s[start : start + k_c] = s[:k_c]
+    stacked_vh[start : start + k_c, :] = vh[:k_c, :]
+    return ((polar_factor(stacked_u) * stacked_s.mean()) @ polar_factor(stacked_vh)).to(dtype)
+
+
 @torch.no_grad()
 def iso_cts(
-    task_vectors: Sequence[StateDict],
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
     layer_info: Mapping[str, LayerInfo],
     *,
     common_space_fraction: float = 0.8,
 ) -> StateDict:
-    """Iso-CTS (Marczak et al. 2025, arXiv:2502.04959; see the module docstring).
+    """Iso-CTS (Marczak et al. 2025, arXiv:2502.04959; see the module docstring), key by key.
     ``layer_info`` is unused."""
-    if not 0.0 <= common_space_fraction <= 1.0:
-        raise ConfigError(f"iso_cts: common_space_fraction must be in [0, 1], got {common_space_fraction}")
-    keys = check_task_vectors(task_vectors)
-    n_tasks = len(task_vectors)
-    merged: StateDict = {}
-    for key in keys:
-        dtype = task_vectors[0][key].dtype
-        total = sum_key(task_vectors, key)
-        if total.ndim != 2:
-            merged[key] = (total / n_tasks).to(dtype)
-            continue
-        k_c, n = iso_cts_sizes(min(total.shape), n_tasks, common_space_fraction)
-        u, s, vh = svd(total)
-        u_c = u[:, :k_c]
-        stacked_u, stacked_s, stacked_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
-        for i, tv in enumerate(task_vectors):
-            w = tv[key].to(total.dtype)
-            u_t, s_t, vh_t = svd(w - u_c @ (u_c.T @ w))
-            stacked_u[:, i * n : (i + 1) * n] = u_t[:, :n]
-            stacked_s[i * n : (i + 1) * n] = s_t[:n]
-            stacked_vh[i * n : (i + 1) * n, :] = vh_t[:n, :]
-        start = n_tasks * n
-        stacked_u[:, start : start + k_c] = u_c
-        stacked_s[start : start + k_c] = s[:k_c]
-        stacked_vh[start : start + k_c, :] = vh[:k_c, :]
-        merged[key] = ((polar_factor(stacked_u) * stacked_s.mean()) @ polar_factor(stacked_vh)).to(dtype)
-    return merged
+    _check_fraction(common_space_fraction)
+    src = as_source(task_vectors)
+    return {key: iso_cts_key(src.read(key), common_space_fraction) for key in src.iter_keys("Iso-CTS")}

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from submerge.layers import LayerInfo, num_blocks as count_blocks
-from submerge.merging.task_arithmetic import sum_key
-from submerge.merging.task_vectors import StateDict, check_layer_info, check_task_vectors
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_arithmetic import sum_tensors
+from submerge.merging.task_vectors import StateDict, check_layer_info
 from submerge.spectral import compute_dtype
 
 __all__ = ["lines_scale", "lines_alpha", "lines_coefficient"]
@@ -60,15 +61,19 @@ def lines_scale(
 
 
 @torch.no_grad()
-def lines_alpha(task_vectors: Sequence[Mapping[str, Tensor]], merged: Mapping[str, Tensor]) -> float:
-    """``(||sum_t tau_t||_1 / ||tau_merged||_1) / T`` over all keys (exactly ``1/T`` for TA)."""
-    keys = check_task_vectors(task_vectors)
+def lines_alpha(task_vectors: Sequence[Mapping[str, Tensor]] | TaskVectorSource,
+                merged: Mapping[str, Tensor]) -> float:
+    """``(||sum_t tau_t||_1 / ||tau_merged||_1) / T`` over all keys (exactly ``1/T`` for TA).
+    ``task_vectors``: state dicts or a source (one pass over the keys, one parameter at a time)."""
+    src = as_source(task_vectors)
+    keys = src.keys
     if set(merged) != set(keys):
         raise ValueError(
             f"merged task vector keys differ from the task vectors' keys: {sorted(set(merged) ^ set(keys))[:5]}"
         )
-    summed = sum(float(sum_key(task_vectors, key).abs().sum(dtype=torch.float64)) for key in keys)
+    summed = sum(float(sum_tensors(src.read(key)).abs().sum(dtype=torch.float64))
+                 for key in src.iter_keys("LiNeS norm"))
     norm_merged = sum(float(merged[key].abs().sum(dtype=torch.float64)) for key in keys)
     if norm_merged == 0.0:
         raise ValueError("lines_alpha: the merged task vector is zero (L1 norm 0)")
-    return summed / norm_merged / len(task_vectors)
+    return summed / norm_merged / len(src)

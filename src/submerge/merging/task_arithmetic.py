@@ -10,26 +10,40 @@ import torch
 from torch import Tensor
 
 from submerge.layers import LayerInfo
-from submerge.merging.task_vectors import StateDict, check_task_vectors
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_vectors import StateDict
 from submerge.spectral import compute_dtype
 
-__all__ = ["task_arithmetic", "sum_key"]
+__all__ = ["task_arithmetic", "task_arithmetic_key", "sum_key", "sum_tensors"]
+
+
+def sum_tensors(tensors: Sequence[Tensor]) -> Tensor:
+    """``sum_t tensors[t]`` in float32 (float64 for float64 input), in task order."""
+    work = compute_dtype(tensors[0].dtype)
+    total = tensors[0].to(work, copy=True)
+    for t in tensors[1:]:
+        total += t.to(work)
+    return total
 
 
 def sum_key(task_vectors: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
     """``sum_t Delta_t[key]`` in float32 (float64 for float64 input)."""
-    work = compute_dtype(task_vectors[0][key].dtype)
-    total = task_vectors[0][key].to(work, copy=True)
-    for tv in task_vectors[1:]:
-        total += tv[key].to(work)
-    return total
+    return sum_tensors([tv[key] for tv in task_vectors])
 
 
 @torch.no_grad()
-def task_arithmetic(task_vectors: Sequence[StateDict], layer_info: Mapping[str, LayerInfo]) -> StateDict:
+def task_arithmetic_key(tensors: Sequence[Tensor]) -> Tensor:
+    """Task Arithmetic of one parameter: ``sum_t Delta_t`` in the task vectors' dtype."""
+    return sum_tensors(tensors).to(tensors[0].dtype)
+
+
+@torch.no_grad()
+def task_arithmetic(task_vectors: Sequence[StateDict] | TaskVectorSource,
+                    layer_info: Mapping[str, LayerInfo]) -> StateDict:
     """Task Arithmetic (arXiv:2212.04089): ``sum_t Delta_t`` key by key, in the task vectors' dtype.
 
-    ``layer_info`` is unused (uniform merge-rule signature).
+    ``task_vectors``: state dicts or a :class:`~submerge.merging.source.TaskVectorSource` (read
+    one parameter at a time). ``layer_info`` is unused (uniform merge-rule signature).
     """
-    keys = check_task_vectors(task_vectors)
-    return {key: sum_key(task_vectors, key).to(task_vectors[0][key].dtype) for key in keys}
+    src = as_source(task_vectors)
+    return {key: task_arithmetic_key(src.read(key)) for key in src.iter_keys("TA")}

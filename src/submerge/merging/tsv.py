@@ -5,7 +5,9 @@ decorrelation of the stacked singular vectors by orthogonal Procrustes).
 Matches the official code (AntoAndGar/task_singular_vectors
 ``src/utils/TSVM_utils.py::compute_and_sum_svd_mem_reduction``):
 
-* every 2-D key: per task the top ``r = int(min_dim / T)`` singular triplets, placed in
+* every 2-D key: per task the top ``r = int(min_dim / T)`` singular triplets (computed from the
+  Gram matrix where that is accurate and the matrix is large, :func:`submerge.spectral.top_svd`;
+  the full SVD otherwise), placed in
   slot ``t`` of stacked ``U`` (columns), ``S`` and ``Vh`` (rows); trailing slots stay zero
   when ``T`` does not divide ``min_dim`` (``r = 0`` when ``T > min_dim``: the key merges to 0);
 * decorrelation with the polar factors (orthogonal Procrustes): ``svd(U) = P S Q -> P Q``,
@@ -24,11 +26,12 @@ import torch
 from torch import Tensor
 
 from submerge.layers import LayerInfo
-from submerge.merging.task_arithmetic import sum_key
-from submerge.merging.task_vectors import StateDict, check_task_vectors
-from submerge.spectral import svd
+from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.task_arithmetic import sum_tensors
+from submerge.merging.task_vectors import StateDict
+from submerge.spectral import svd, top_svd
 
-__all__ = ["tsv_m", "polar_factor"]
+__all__ = ["tsv_m", "tsv_m_key", "polar_factor"]
 
 
 def polar_factor(matrix: Tensor) -> Tensor:
@@ -38,25 +41,33 @@ def polar_factor(matrix: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def tsv_m(task_vectors: Sequence[StateDict], layer_info: Mapping[str, LayerInfo]) -> StateDict:
-    """TSV-Merge (Gargiulo et al. 2025, arXiv:2412.00081; see the module docstring).
-    ``layer_info`` is unused."""
-    keys = check_task_vectors(task_vectors)
-    n_tasks = len(task_vectors)
-    merged: StateDict = {}
-    for key in keys:
-        dtype = task_vectors[0][key].dtype
-        if task_vectors[0][key].ndim != 2:
-            merged[key] = (sum_key(task_vectors, key) / n_tasks).to(dtype)
-            continue
-        r = min(task_vectors[0][key].shape) // n_tasks
-        sum_u = sum_s = sum_vh = None
-        for i, tv in enumerate(task_vectors):
-            u, s, vh = svd(tv[key])
-            if sum_u is None:
-                sum_u, sum_s, sum_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
-            sum_u[:, i * r : (i + 1) * r] = u[:, :r]
-            sum_s[i * r : (i + 1) * r] = s[:r]
-            sum_vh[i * r : (i + 1) * r, :] = vh[:r, :]
-        merged[key] = (polar_factor(sum_u) @ torch.diag(sum_s) @ polar_factor(sum_vh)).to(dtype)
-    return merged
+def tsv_m_key(tensors: Sequence[Tensor], *, truncated: bool | None = None) -> Tensor:
+    """TSV-Merge of one parameter (the mean over tasks for a key that is not 2-D), in the task
+    vectors' dtype. ``truncated``: how each task's top ``r`` triplets are computed
+    (:func:`submerge.spectral.top_svd`: by default from the Gram matrix for matrices whose smaller
+    side is >= 256, with a fall back to the full SVD where that is not accurate)."""
+    n_tasks = len(tensors)
+    dtype = tensors[0].dtype
+    if tensors[0].ndim != 2:
+        return (sum_tensors(tensors) / n_tasks).to(dtype)
+    r = min(tensors[0].shape) // n_tasks
+    rows, cols = tensors[0].shape
+    k = min(rows, cols)
+    sum_u = sum_s = sum_vh = None
+    for i, x in enumerate(tensors):
+        u, s, vh = top_svd(x, r, truncated=truncated)
+        if sum_u is None:
+            sum_u, sum_s, sum_vh = u.new_zeros(rows, k), s.new_zeros(k), vh.new_zeros(k, cols)
+        sum_u[:, i * r : (i + 1) * r] = u
+        sum_s[i * r : (i + 1) * r] = s
+        sum_vh[i * r : (i + 1) * r, :] = vh
+    return (polar_factor(sum_u) @ torch.diag(sum_s) @ polar_factor(sum_vh)).to(dtype)
+
+
+@torch.no_grad()
+def tsv_m(task_vectors: Sequence[StateDict] | TaskVectorSource,
+          layer_info: Mapping[str, LayerInfo]) -> StateDict:
+    """TSV-Merge (Gargiulo et al. 2025, arXiv:2412.00081; see the module docstring), key by
+    key. ``layer_info`` is unused."""
+    src = as_source(task_vectors)
+    return {key: tsv_m_key(src.read(key)) for key in src.iter_keys("TSV-M")}

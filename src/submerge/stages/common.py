@@ -71,8 +71,18 @@ def load_base(base_path: PathLike, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in base.items()}
 
 
+def open_task_vectors(tv_paths: Sequence[PathLike], device: torch.device | str = "cpu"):
+    """The task vectors of ``tv_paths`` as a source the merge rules stream from, one parameter
+    of every expert at a time (:class:`submerge.io.hdf5.TaskVectorFiles`; a context manager;
+    its ``layer_info`` is the shared layer info)."""
+    from submerge.io.hdf5 import TaskVectorFiles
+
+    return TaskVectorFiles(tv_paths, device)
+
+
 def load_task_vectors(tv_paths: Sequence[PathLike], device: torch.device):
-    """The task vectors of ``tv_paths`` on ``device`` and their (shared) layer info."""
+    """The task vectors of ``tv_paths`` on ``device``, all in memory, and their (shared) layer
+    info. The merge stage streams instead (:func:`open_task_vectors`)."""
     from submerge.io import hdf5
 
     tvs, layer_info = [], None

@@ -1,6 +1,10 @@
 """Stage 3b (``workflow/rules/merge.smk``): per (group, method) the merged task vector Δ_merge
 (without α, LiNeS applied) and, for boosted methods, the SVD factors of every boosted matrix,
-so that each grid point only rescales and reconstructs; the TALL-mask λ of Consensus."""
+so that each grid point only rescales and reconstructs; the TALL-mask λ of Consensus.
+
+Both stream the group's task vectors from their HDF5 files one parameter of every expert at a
+time (:func:`submerge.stages.common.open_task_vectors`): the memory is about the merged task
+vector (and its factors) plus one parameter of each expert, flat in the number of experts."""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from typing import Mapping, Sequence
 from submerge import merges
 from submerge.io.jsonio import read_json, write_json
 from submerge.recipe import LINES_NORM, EvalSettings, Method, Suite
-from submerge.stages.common import (PathLike, evaluate_on, load_base, load_task_vectors,
-                                    merged_module, record_provenance, resolve_device)
+from submerge.stages.common import (PathLike, evaluate_on, load_base, merged_module,
+                                    open_task_vectors, record_provenance, resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,12 @@ def extra_merge_inputs(method: Method, experts: Sequence[str],
     return kwargs
 
 
-def merged_task_vector(method: Method, tvs: Sequence[Mapping], layer_info: Mapping,
+def merged_task_vector(method: Method, tvs, layer_info: Mapping,
                        extra: Mapping | None = None) -> tuple[dict, dict]:
     """Δ_merge of ``method`` (its merge function, then LiNeS if configured) and attributes to
-    record. ``extra``: the merge function's extra inputs (:func:`extra_merge_inputs`)."""
+    record. ``tvs``: the task vectors, in memory or a source read one parameter at a time
+    (:class:`submerge.merging.source.TaskVectorSource`). ``extra``: the merge function's extra
+    inputs (:func:`extra_merge_inputs`)."""
     from submerge.merging import merge
     from submerge.merging.lines import lines_alpha, lines_scale
 
@@ -82,14 +88,25 @@ def point_delta(delta: Mapping, layer_info: Mapping, method: Method, alpha: floa
     return lines_scale(delta, layer_info, alpha=float(lines_scale_value), beta=float(alpha)), 1.0
 
 
-def boost_factors(method: Method, delta: Mapping, layer_info: Mapping) -> dict:
-    """SVD factors of every matrix ``method`` boosts (empty for unboosted methods)."""
-    from submerge.boosting import svd_factors
+def boost_factors(method: Method, delta: Mapping, layer_info: Mapping, *,
+                  consume: bool = False) -> dict:
+    """SVD factors of every matrix ``method`` boosts (empty for unboosted methods), key by key;
+    ``consume``: remove each factored key from ``delta`` (a dict) once its factors exist, so
+    that the matrix and its factors are not both held for every key."""
+    from submerge.boosting import boost_targets, svd_factors
 
     if method.boost is None:
         return {}
-    return svd_factors(delta, layer_info, layers=method.boost.layers,
-                       attn_mode=method.boost.attn_mode)
+    out = {}
+    for key in boost_targets(layer_info, layers=method.boost.layers,
+                             attn_mode=method.boost.attn_mode):
+        if key not in delta:
+            continue
+        out.update(svd_factors({key: delta[key]}, layer_info, layers=method.boost.layers,
+                               attn_mode=method.boost.attn_mode))
+        if consume and key in out:
+            del delta[key]
+    return out
 
 
 def reconstruct(dense: Mapping, factors: Mapping, layer_info: Mapping, method: Method,
@@ -113,10 +130,12 @@ def merge_group(experts: Sequence[str], tv_paths: Sequence[PathLike], method: Me
     from submerge.io import hdf5
 
     dev = resolve_device(device)
-    tvs, layer_info = load_task_vectors(tv_paths, dev)
     extra = extra_merge_inputs(method, experts, extra_paths or {})
-    delta, attrs = merged_task_vector(method, tvs, layer_info, extra)
-    factors = boost_factors(method, delta, layer_info)
+    with open_task_vectors(tv_paths, dev) as source:
+        layer_info = source.layer_info
+        delta, attrs = merged_task_vector(method, source, layer_info, extra)
+    factors = boost_factors(method, delta, layer_info, consume=True)
+    # to the host for writing (no-ops on the CPU)
     dense = {k: v.cpu() for k, v in delta.items() if k not in factors}
     factors = {k: [tuple(t.cpu() for t in f) for f in fs] for k, fs in factors.items()}
     attrs.update(experts=json.dumps(list(experts)),
@@ -130,21 +149,34 @@ def choose_tall_lambdas(suite: Suite, experts: Sequence[str], base_path: PathLik
                         settings: EvalSettings, eval_data: Sequence[PathLike] = ()) -> None:
     """TALL masks' λ_t per task (Wang et al. 2024): the λ whose masked multi-task model
     θ_0 + m_t ∘ Δ_TA is most accurate on task t's validation split (ties: smaller λ)."""
-    from submerge.merging.consensus import tall_masks
-    from submerge.merging.task_arithmetic import task_arithmetic
-
     device = resolve_device(settings.device)
-    tvs, layer_info = load_task_vectors(tv_paths, device)
     base = load_base(base_path, device)
-    ta = task_arithmetic(tvs, layer_info)
     scores: dict[str, dict[str, float]] = {e: {} for e in experts}
-    for lam in sorted(lambdas):
-        masks = tall_masks(tvs, [lam] * len(tvs))
-        for expert, mask in zip(experts, masks):
-            delta = {k: v * mask[k] if k in mask else v for k, v in ta.items()}
-            adapter, module, _ = merged_module(suite, base, delta, 1.0, device)
-            acc = evaluate_on(suite, [expert], adapter, module, "val", settings, device,
-                              eval_data)
-            scores[expert][str(lam)] = acc[expert]
+    with open_task_vectors(tv_paths, device) as source:
+        mtl, ta = _tall_sums(source)
+        for lam in sorted(lambdas):
+            for i, expert in enumerate(experts):
+                delta = _tall_masked(source, i, lam, mtl, ta)
+                adapter, module, _ = merged_module(suite, base, delta, 1.0, device)
+                acc = evaluate_on(suite, [expert], adapter, module, "val", settings, device,
+                                  eval_data)
+                scores[expert][str(lam)] = acc[expert]
     chosen = {e: float(max(sorted(s, key=float), key=lambda lam: s[lam])) for e, s in scores.items()}
     write_json(out, {"lambdas": chosen, "val_accuracy": scores})
+
+
+def _tall_sums(source) -> tuple[dict, dict]:
+    """Δ_MTL = Σ_t Δ_t in the compute dtype (what the TALL masks compare with) and Δ_TA in the
+    task vectors' dtype (the same tensors for float32), one parameter at a time."""
+    from submerge.merging.task_arithmetic import sum_tensors
+
+    mtl = {key: sum_tensors(source.read(key)) for key in source.iter_keys("TALL: TA")}
+    return mtl, {key: mtl[key].to(source.meta(key)[1]) for key in source.keys}
+
+
+def _tall_masked(source, index: int, lam: float, mtl: Mapping, ta: Mapping) -> dict:
+    """m_t ∘ Δ_TA for task ``index`` at λ (its mask needs its own task vector only)."""
+    from submerge.merging.consensus import tall_masks_key
+
+    return {k: ta[k] * tall_masks_key([source.read_one(index, k)], [lam], mtl[k])[0]
+            for k in source.keys}

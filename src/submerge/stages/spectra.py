@@ -9,7 +9,7 @@ import time
 from typing import Sequence
 
 from submerge.recipe import HOGSVDSettings
-from submerge.stages.common import PathLike, load_task_vectors, resolve_device
+from submerge.stages.common import PathLike, open_task_vectors, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +26,32 @@ def expert_spectrum(tv_path: PathLike, out: PathLike) -> None:
 
 def hogsvd_group(experts: Sequence[str], tv_paths: Sequence[PathLike], out: PathLike,
                  settings: HOGSVDSettings, device: str = "auto") -> None:
-    """Per-layer HO-GSVD of one group's task vectors (each q/k/v block separately)."""
+    """Per-layer HO-GSVD of one group's task vectors (each q/k/v block separately), reading
+    one parameter of every expert at a time."""
+    from submerge.io.hogsvd_cache import write_hogsvd_cache
+
+    dev = resolve_device(device)
+    with open_task_vectors(tv_paths, dev) as source:
+        entries = _hogsvd_entries(source, settings)
+    write_hogsvd_cache(out, list(experts), entries, {"pi": settings.pi, "layers": settings.layers})
+
+
+def _hogsvd_entries(source, settings: HOGSVDSettings) -> list:
+    """The HO-GSVD of every target (key, row block) of ``source``, one key at a time."""
     from tqdm import tqdm
 
     from submerge.boosting import boost_targets
     from submerge.hogsvd import hogsvd
-    from submerge.io.hogsvd_cache import HOGSVDEntry, write_hogsvd_cache
+    from submerge.io.hogsvd_cache import HOGSVDEntry
 
-    dev = resolve_device(device)
-    tvs, layer_info = load_task_vectors(tv_paths, dev)
+    layer_info = source.layer_info
     targets = boost_targets(layer_info, layers=settings.layers, attn_mode="per_qkv")
     entries = []
     for key in tqdm(sorted(targets), desc="HO-GSVD", unit="layer", mininterval=5):
         blocks, info = targets[key], layer_info[key]
+        tensors = source.read(key)
         for b in range(blocks):
-            mats = [tv[key].chunk(blocks, dim=0)[b] for tv in tvs]
+            mats = [x.chunk(blocks, dim=0)[b] for x in tensors]
             start = time.perf_counter()
             res = hogsvd(mats, pi=settings.pi)
             seconds = time.perf_counter() - start
@@ -48,4 +59,5 @@ def hogsvd_group(experts: Sequence[str], tv_paths: Sequence[PathLike], out: Path
                                        V=res.V, sigma=res.sigma, eigvals=res.eigvals,
                                        transposed=res.transposed, seconds=seconds))
             log.info("%s[%d] %s: %.3f s", key, b, tuple(mats[0].shape), seconds)
-    write_hogsvd_cache(out, list(experts), entries, {"pi": settings.pi, "layers": settings.layers})
+        del tensors, mats  # before the next key is read
+    return entries
