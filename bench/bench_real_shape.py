@@ -62,8 +62,10 @@ GRID_BETAS = (0.0, 0.01, 0.02, 0.1, 0.2)
 
 # Rough peak memory of each implementation, in models, beyond the N input task vectors: the
 # decision to skip before a run (the cap kills a run that goes past it anyway). The peer's
-# TIES/Consensus flatten and stack all task vectors, then copy and mask the stack.
-EXTRA_MODELS = {("peer", "ties"): lambda n: 4 * n + 2, ("peer", "consensus"): lambda n: 4 * n + 3}
+# TIES/Consensus flatten and stack all task vectors, then copy, take magnitudes, mask the stack
+# (measured: about 7.7 and 6.5 models per expert).
+EXTRA_MODELS = {("peer", "ties"): lambda n: 8 * n + 2, ("peer", "consensus"): lambda n: 7 * n + 2}
+PROBES = (1, 2)  # expert counts at which a run skipped for memory is measured, to extrapolate
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -457,7 +459,7 @@ class Bench:
         mb = self.size(arch)
         if not mb:
             return None
-        extra = EXTRA_MODELS.get((impl, method), lambda n: 3)(n)
+        extra = EXTRA_MODELS.get((impl, method), lambda n: 1)(n)  # others: the cap's kill decides
         return 0.6 * GIB + (n + 1 + extra) * mb  # + interpreter/torch, base, inputs
 
     def measure(self, impl: str, method: str, arch: str, n: int, save: bool) -> dict:
@@ -476,10 +478,10 @@ class Bench:
     def estimate(self, impl: str, method: str, arch: str) -> str:
         """Peak RSS and time of a skipped run, fitted at two small N that fit the cap."""
         probes = []
-        for n in (2, 3):
+        for n in PROBES:
             res = self.measure(impl, method, arch, n, save=False)
             if "error" in res:
-                return "(probes at N = 2, 3 failed: " + res["error"] + ")"
+                return f"(probe at N = {n} failed: " + res["error"] + ")"
             probes.append((n, res))
             self.log(f"  probe {impl} {method} {arch} N={n}: {res['seconds']:.1f} s, {res['peak_rss'] / GIB:.2f} GiB")
         return probes
@@ -522,7 +524,7 @@ class Bench:
                 row["peer"]["est_rss"] = a + b * n
                 row["peer"]["est_seconds"] = ta + tb * n
                 row["note"] = (f"peer {row['peer']['error']}: needs ≈ {(a + b * n) / GIB:.1f} GiB "
-                               f"(+{b / GIB:.2f} GiB per expert, fitted at N = 2, 3), est. {ta + tb * n:.0f} s")
+                               f"(+{b / GIB:.2f} GiB per expert, fitted at N = {PROBES[0]}, {PROBES[1]}), est. {ta + tb * n:.0f} s")
         ours, peer = row.get("ours", {}), row.get("peer", {})
         if ours.get("saved") and peer.get("saved"):
             diff = launch(self.spec(kind="diff", a=ours["saved"], b=peer["saved"]), self.cap, self.args.timeout)
@@ -627,16 +629,24 @@ class Bench:
         if self.stage_rows:
             lines += ["### Merge stage (`merge_group` on per-expert HDF5 task vectors)", "",
                       "| arch | N | method | s (CPU s) | peak RSS GiB | ÷ one model | RSS before the call GiB "
-                      "| distinct files |",
-                      "|---|--:|---|--:|--:|--:|--:|--:|"]
+                      "| (peak − before) ÷ one model | distinct files |",
+                      "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
             for r in self.stage_rows:
                 if "seconds" not in r:
-                    lines.append(f"| {r['arch']} | {r.get('n', '–')} | {r.get('method', '–')} | – | – | – | "
-                                 f"{r.get('error')} |")
+                    ok = [(q["n"], q["peak_rss"]) for q in self.stage_rows if "seconds" in q
+                          and q["arch"] == r["arch"] and q["method"] == r.get("method")]
+                    est = ""
+                    if len(ok) >= 2 and "n" in r:
+                        a, b = fit_line(ok)
+                        est = (f"; needs ≈ {(a + b * r['n']) / GIB:.1f} GiB (+{b / GIB:.2f} GiB per expert, "
+                               f"fitted at N = {', '.join(str(n) for n, _ in ok)})")
+                    lines.append(f"| {r['arch']} | {r.get('n', '–')} | {r.get('method', '–')} | – | – | – | – | – | "
+                                 f"{r.get('error')}{est} |")
                     continue
                 lines.append(f"| {r['arch']} | {r['n']} | {r['method']} | {r['seconds']:.1f} ({r['cpu_s']:.1f}) | "
                              f"{r['peak_rss'] / GIB:.2f} | {r['peak_rss'] / r['model_bytes']:.1f} | "
-                             f"{r['rss_start'] / GIB:.2f} | {r['distinct']} |")
+                             f"{r['rss_start'] / GIB:.2f} | {(r['peak_rss'] - r['rss_start']) / r['model_bytes']:.1f} | "
+                             f"{r['distinct']} |")
             lines.append("")
         return "\n".join(lines)
 

@@ -16,7 +16,7 @@
 #   pip download --no-deps --only-binary=:all: -d bench/peers/wheels open_clip_torch==3.3.0 ftfy wcwidth
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DEVICE=cuda QUICK=() BUDGET=${GPU_SH_BUDGET:-450}
+DEVICE=cuda QUICK=() BUDGET=${GPU_SH_BUDGET:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -24,18 +24,21 @@ while [ $# -gt 0 ]; do
     *) echo "usage: bench/gpu.sh [--device cuda|cpu] [--quick]" >&2; exit 2 ;;
   esac
 done
+# seconds for the whole script: 450 on a GPU (one call of under 8 minutes), more on a CPU
+[ -z "$BUDGET" ] && { [ "$DEVICE" = cpu ] && BUDGET=1800 || BUDGET=450; }
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 PY=${PYTHON:-}
 [ -z "$PY" ] && { [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; }
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
+"$PY" -c "import torch, h5py, safetensors" || { echo "gpu.sh: $PY lacks torch/h5py/safetensors; set PYTHON" >&2; exit 1; }
 if ! "$PY" -c "import open_clip" 2>/dev/null; then
   if ls bench/peers/wheels/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_sh_site bench/peers/wheels/*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_sh_site"
   fi
-  "$PY" -c "import open_clip" || { echo "gpu.sh: open_clip is missing and bench/peers/wheels has no wheels for it" >&2; exit 1; }
+  "$PY" -c "import open_clip" || { echo "gpu.sh: open_clip cannot be imported (wheels in bench/peers/wheels?)" >&2; exit 1; }
 fi
 PEER=()
 [ -d bench/peers/fusion_bench_0.2.33/fusion_bench ] || { echo "gpu.sh: bench/peers/fusion_bench_0.2.33 missing: FusionBench is skipped"; PEER=(--no-peer); }
