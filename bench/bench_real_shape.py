@@ -521,10 +521,13 @@ class Bench:
             else:
                 a, b = fit_line([(n_, r["peak_rss"]) for n_, r in probes])
                 ta, tb = fit_line([(n_, r["seconds"]) for n_, r in probes])
+                ca, cb = fit_line([(n_, r["cpu_s"]) for n_, r in probes])
                 row["peer"]["est_rss"] = a + b * n
                 row["peer"]["est_seconds"] = ta + tb * n
+                row["peer"]["est_cpu"] = ca + cb * n
                 row["note"] = (f"peer {row['peer']['error']}: needs ≈ {(a + b * n) / GIB:.1f} GiB "
-                               f"(+{b / GIB:.2f} GiB per expert, fitted at N = {PROBES[0]}, {PROBES[1]}), est. {ta + tb * n:.0f} s")
+                               f"(+{b / GIB:.2f} GiB per expert, fitted at N = {PROBES[0]}, {PROBES[1]}), "
+                               f"est. {ta + tb * n:.0f} s ({ca + cb * n:.0f} CPU s)")
         ours, peer = row.get("ours", {}), row.get("peer", {})
         if ours.get("saved") and peer.get("saved"):
             diff = launch(self.spec(kind="diff", a=ours["saved"], b=peer["saved"]), self.cap, self.args.timeout)
@@ -599,7 +602,7 @@ class Bench:
                 diff = r.get("diff", {})
                 dcell = f"{diff['rel']:.1e}" if "rel" in diff else "–"
                 peer_s = f"{p['seconds']:.2f} ({p['cpu_s']:.2f})" if "seconds" in p else (
-                    f"(≈{p['est_seconds']:.0f})" if "est_seconds" in p else "–")
+                    f"(≈{p['est_seconds']:.0f} ({p['est_cpu']:.0f}))" if "est_seconds" in p else "–")
                 peer_rss = cell(p, "peak_rss", ".2f", GIB) if "peak_rss" in p else (
                     f"(≈{p['est_rss'] / GIB:.1f})" if "est_rss" in p else "–")
                 note = r["note"] or ("no FusionBench implementation" if not r["has_peer"] else "")

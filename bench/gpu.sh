@@ -78,7 +78,8 @@ if [ "$DEVICE" = cpu ]; then CAP=8; else CAP=0; fi  # the GPU machine: 128 GiB o
 if [ ${#QUICK[@]} -gt 0 ]; then
   bench "$(left)" --arch ViT-B-32 --n 4 --stage-n 4,8
 else
-  bench $(( $(left) - 150 )) --arch ViT-B-32 --n 20 --stage-n 8,20,50
+  bench $(( $(left) - 150 )) --arch ViT-B-32 --n 20 --stage-n 8,20,50 \
+    --methods ta_sb,tsv_m,ta,ties,consensus,iso_c,iso_cts,ta_lines,hogsvd,grid  # the GPU targets first
   bench $(( $(left) - 10 )) --arch ViT-L-14 --n 20 --methods ta,ties,tsv_m,iso_c,ta_sb,grid --stage-n 20 --stage-distinct 5
 fi
 cat "$TABLE"
