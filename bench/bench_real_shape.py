@@ -514,7 +514,11 @@ class Bench:
                 row[impl] = {"error": err["error"], "need": err.get("need")}
         if has_peer and self.peer_ok:
             row["note"] = self.peer_ok
-        if "peer" in row and "error" in row["peer"]:
+        if "peer" in row and row["peer"].get("error") == "skipped":
+            row["note"] = f"peer: {row['peer']['error']}"
+        elif "peer" in row and "error" in row["peer"]:  # a failure, not memory: no estimate
+            row["note"] = f"peer failed: {row['peer']['error'].split(' | ')[-1][:160]}"
+        if "peer" in row and (row["peer"].get("error") == "skipped" or "cap" in row["peer"].get("error", "")):
             probes = self.estimate("peer", method, arch)
             if isinstance(probes, str):
                 row["note"] = f"peer {row['peer']['error']} {probes}"
