@@ -57,7 +57,7 @@ COMMON_PRELOAD = ("snakemake.script", "snakemake.io", "snakemake.logging",
                   "submerge.stages.beta_grid", "submerge.stages.decay",
                   "submerge.suites.digits", "sklearn.datasets",
                   "submerge.report.tables", "submerge.report.figures", "submerge.report.landing")
-ADAPTER = "adapter:"   # a preload entry "adapter:<name>": that adapter's module and libraries
+ADAPTER = "adapter:"   # a preload entry "adapter:<name>": that adapter's module and library
 
 _in_worker = False   # True in a server's child: delegate() is then a no-op
 
@@ -164,7 +164,7 @@ def _expand(preload: Sequence[str]) -> list[str]:
             from submerge.models import _ADAPTERS, get_adapter
 
             adapter = name[len(ADAPTER):]
-            names += [_ADAPTERS[adapter][0], *get_adapter(adapter).libraries]
+            names += [_ADAPTERS[adapter][0], get_adapter(adapter).library]
         else:
             names.append(name)
     return names

@@ -128,9 +128,6 @@ class Adapter:
 
     name: str = ""
     rules: tuple[tuple[re.Pattern[str], str, int], ...] = ()
-    #: the libraries it imports (lazily) to build or run a model: the warm worker of local
-    #: workflow runs (:mod:`submerge.worker`) imports them once for all jobs
-    libraries: tuple[str, ...] = ()
 
     def layer_info(self, key: str) -> LayerInfo:
         """Block, kind and stacking of one normalised key; CheckpointError for a foreign key."""
@@ -184,7 +181,9 @@ class Adapter:
 
     # ------------------------------------------------------------------ export (source format)
 
-    library: str = ""  # the library that loads an exported model (model cards)
+    # the upstream library (its import name) that builds, runs and loads the models: named in
+    # exported models' cards; the warm worker of local runs (submerge.worker) preloads it
+    library: str = ""
 
     def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
         """Write ``module`` (a tower :meth:`build` made from ``arch``, merged weights loaded)

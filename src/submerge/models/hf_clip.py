@@ -111,7 +111,6 @@ class HFCLIPVisionAdapter(Adapter):
     """transformers ``CLIPVisionModelWithProjection``."""
 
     name = "hf_clip_vision"
-    libraries = ("transformers",)
     rules = (
         (re.compile(_B + r"self_attn\.(q|k|v|out)_proj\.weight"), "attn", 1),
         (re.compile(_B + r"mlp\.fc[12]\.weight"), "mlp", 1),

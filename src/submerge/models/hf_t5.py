@@ -59,7 +59,6 @@ class HFT5Adapter(Adapter):
     """transformers ``T5ForConditionalGeneration`` (encoder and decoder stacks)."""
 
     name = "hf_t5"
-    libraries = ("transformers",)
     rules = (
         (re.compile(_E + r"0\.SelfAttention\.[qkvo]\.weight"), "attn", 1),
         (re.compile(_D + r"0\.SelfAttention\.[qkvo]\.weight"), "attn", 1),

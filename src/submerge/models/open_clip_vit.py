@@ -62,7 +62,6 @@ class OpenClipViTAdapter(Adapter):
     """open_clip ``VisionTransformer`` (the image tower ``model.visual``)."""
 
     name = "open_clip_vit"
-    libraries = ("open_clip",)
     rules = (
         (re.compile(_B + r"attn\.in_proj_weight"), "attn", 3),
         (re.compile(_B + r"attn\.out_proj\.weight"), "attn", 1),
