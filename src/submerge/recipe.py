@@ -586,7 +586,7 @@ def _parse_table8(cfg: Mapping, groups: Mapping[str, Sequence[str]],
     if method.boost.beta_attn is not None or method.boost.beta_mlp is not None:
         raise ConfigError(f"config field {where}.method: {name!r} fixes a kind's β "
                           "(boost.beta_attn / beta_mlp); Table 8 sets both")
-    largest = max(groups, key=lambda g: len(groups[g]))
+    largest = largest_group(groups)
     group = t8.get("group", largest)
     if group not in groups:
         raise ConfigError(f"config field {where}.group: unknown group {group!r}")
