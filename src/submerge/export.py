@@ -106,7 +106,7 @@ def write_export(adapter, module, arch: Mapping, out_dir: PathLike, card: ModelC
     provenance sidecar naming ``inputs``; atomically (the directory appears complete or not
     at all). Returns ``out_dir``."""
     from submerge.io.atomic import atomic_dir, write_text_atomic
-    from submerge.stages.common import record_provenance
+    from submerge.report.provenance import write_sidecar
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
@@ -121,6 +121,6 @@ def write_export(adapter, module, arch: Mapping, out_dir: PathLike, card: ModelC
                 files.append(target.with_suffix(".json"))
         write_text_atomic(tmp / CARD, render_card(card, adapter, arch, heads=bool(heads)))
         top = [f for f in files if f.parent == tmp]
-        record_provenance([tmp / CARD, *top], list(inputs))
+        write_sidecar([tmp / CARD, *top], inputs=list(inputs))  # as stages.common.record_provenance
     log.info("exported %s (%s) to %s", card.title, adapter.name, out)
     return out
