@@ -22,7 +22,7 @@ import os
 import re
 from html import escape
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from submerge.report import registry
@@ -225,10 +225,18 @@ def config_yaml(config: Mapping[str, Any], root: str) -> str:
                                  allow_unicode=True)
 
 
-def caption_texts(caption_files: Sequence[PathLike]) -> dict[str, str]:
+class CaptionTexts(ConfigParam):
+    """name -> text of the entries' captions, as a job param: one line where Snakemake prints
+    it (the report's "Job parameters"), the texts themselves for the job."""
+
+    def __str__(self) -> str:
+        return f"<{len(self)} captions of workflow/report/, sha256 {self.digest()}>"
+
+
+def caption_texts(caption_files: Iterable[PathLike]) -> CaptionTexts:
     """name -> text of the entries' captions (``workflow/report/<name>.rst``): the rule gets
     them as a param, so that a fresh clone elsewhere (other paths, same texts) reruns nothing."""
-    return {Path(p).stem: Path(p).read_text(encoding="utf-8") for p in caption_files}
+    return CaptionTexts({Path(p).stem: Path(p).read_text(encoding="utf-8") for p in caption_files})
 
 
 def write_overview(recipe, config: Mapping[str, Any], root: PathLike, main_table: PathLike,
