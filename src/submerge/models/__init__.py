@@ -329,14 +329,25 @@ def adapter_for_hf_config(config: Mapping) -> str | None:
     return _HF_MODEL_TYPES.get(config.get("model_type"))
 
 
-def save_pretrained(module: torch.nn.Module, out_dir) -> list:
-    """A transformers model's ``save_pretrained(out_dir)`` (safetensors); the files written."""
-    from pathlib import Path
+class TransformersAdapter(Adapter):
+    """An adapter whose models are transformers models of class ``model_class``: exported with
+    ``save_pretrained`` (config.json, safetensors shards), which ``from_pretrained`` loads."""
 
-    out = Path(out_dir)
-    before = set(out.rglob("*"))
-    module.save_pretrained(str(out))
-    return sorted(p for p in out.rglob("*") if p.is_file() and p not in before)
+    library = "transformers"
+    model_class = ""  # e.g. "T5ForConditionalGeneration"
+
+    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
+        """``module.save_pretrained(out_dir)``; the files written."""
+        from pathlib import Path
+
+        out = Path(out_dir)
+        before = set(out.rglob("*"))
+        module.save_pretrained(str(out))
+        return sorted(p for p in out.rglob("*") if p.is_file() and p not in before)
+
+    def load_snippet(self, arch: Mapping) -> str:
+        return (f"from transformers import {self.model_class}\n"
+                f"model = {self.model_class}.from_pretrained(\"<this directory>\")")
 
 
 def get_adapter(name: str) -> Adapter:
@@ -348,4 +359,4 @@ def get_adapter(name: str) -> Adapter:
 
 
 __all__ = ["Adapter", "adapter_for_hf_config", "ComposedImageTransform", "ImageGeometry", "ImageTensor", "ImageTransform", "StateDict",
-           "get_adapter", "load_tokenizer"]
+           "TransformersAdapter", "get_adapter", "load_tokenizer"]

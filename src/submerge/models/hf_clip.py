@@ -51,7 +51,7 @@ import torch
 
 from submerge.errors import CheckpointError, ConfigError
 from submerge.models import (
-    Adapter, save_pretrained, ImageGeometry, ImageTensor, StateDict, block_count, load_tokenizer, load_zero_shot_state,
+    ImageGeometry, ImageTensor, TransformersAdapter, StateDict, block_count, load_tokenizer, load_zero_shot_state,
     require_arch_mapping, square_image_size,
 )
 
@@ -107,7 +107,7 @@ def _clip_image_parts(size: int) -> tuple[ImageGeometry, ImageTensor]:
     return CLIPImageGeometry(size), table
 
 
-class HFCLIPVisionAdapter(Adapter):
+class HFCLIPVisionAdapter(TransformersAdapter):
     """transformers ``CLIPVisionModelWithProjection``."""
 
     name = "hf_clip_vision"
@@ -183,16 +183,7 @@ class HFCLIPVisionAdapter(Adapter):
             raise ConfigError(f"{self.name}: invalid CLIPVisionConfig {fields!r}: {exc}") from exc
         return CLIPVisionModelWithProjection(config).eval()
 
-    library = "transformers"
-
-    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
-        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which
-        ``CLIPVisionModelWithProjection.from_pretrained`` loads."""
-        return save_pretrained(module, out_dir)
-
-    def load_snippet(self, arch: Mapping) -> str:
-        return ("from transformers import CLIPVisionModelWithProjection\n"
-                "model = CLIPVisionModelWithProjection.from_pretrained(\"<this directory>\")")
+    model_class = "CLIPVisionModelWithProjection"
 
     def encode(self, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Pixel values ``(B, 3, H, W)`` -> ``image_embeds`` ``(B, projection_dim)``: the pooled

@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 import torch
 
 from submerge.errors import ConfigError
-from submerge.models import Adapter, StateDict, block_count, save_pretrained
+from submerge.models import StateDict, TransformersAdapter, block_count
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.
 _SCORINGS = ("sum", "mean")
 
 
-class HFT5Adapter(Adapter):
+class HFT5Adapter(TransformersAdapter):
     """transformers ``T5ForConditionalGeneration`` (encoder and decoder stacks)."""
 
     name = "hf_t5"
@@ -118,16 +118,7 @@ class HFT5Adapter(Adapter):
             raise ConfigError(f"{self.name}: invalid T5Config {dict(arch)!r}: {exc}") from exc
         return T5ForConditionalGeneration(config).eval()
 
-    library = "transformers"
-
-    def save_model(self, module: torch.nn.Module, out_dir, arch: Mapping) -> list:
-        """``module.save_pretrained(out_dir)`` (config.json, safetensors shards), which
-        ``T5ForConditionalGeneration.from_pretrained`` loads."""
-        return save_pretrained(module, out_dir)
-
-    def load_snippet(self, arch: Mapping) -> str:
-        return ("from transformers import T5ForConditionalGeneration\n"
-                "model = T5ForConditionalGeneration.from_pretrained(\"<this directory>\")")
+    model_class = "T5ForConditionalGeneration"
 
     def encode(self, module: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Token logits ``(B, T_dec, vocab)`` of a batch.
