@@ -287,6 +287,7 @@ def write_stage_inputs(spec: dict) -> dict:
     import torch
 
     from submerge.io import hdf5
+    from submerge.merging.ties import threshold_table
 
     base, layer_info = base_state(spec)
     paths = []
@@ -295,7 +296,8 @@ def write_stage_inputs(spec: dict) -> dict:
         if not path.exists():
             tv = task_vector(base, t, torch.device("cpu"))
             hdf5.write_state_dict(path, tv, layer_info, {"suite": "bench", "expert": f"e{t}",
-                                                         "adapter": "open_clip_vit"})
+                                                         "adapter": "open_clip_vit"},
+                                  stats={hdf5.TIES_THRESHOLDS: threshold_table(tv)})
         paths.append(str(path))
     return {"paths": paths, "model_bytes": model_bytes(base)}
 
@@ -307,6 +309,8 @@ def stage_method(name: str):
               "consensus": {"merge": "consensus"},
               "ta_sb": {"merge": "task_arithmetic", "boost": {}},
               "ta_lines": {"merge": "task_arithmetic", "lines": {"scale": "norm", "slope": 0.5}},
+              "ties_lines": {"merge": "ties", "lines": {"scale": "norm", "slope": 0.5}},
+              "hosb": {"merge": "hogsvd", "boost": {}},
               "tsv_m": {"merge": "tsv_m"}, "iso_c": {"merge": "iso_c"}, "iso_cts": {"merge": "iso_cts"}}
     if name not in params:
         raise ValueError(f"merge stage: method {name!r} not measured; known: {sorted(params)}")
@@ -326,12 +330,27 @@ def worker_stage(spec: dict) -> dict:
         if "tall_lambdas" in method.needs:
             extra["tall_lambdas"] = Path(tmp) / "lambdas.json"
             write_json(extra["tall_lambdas"], {"lambdas": {e: 0.4 for e in experts}})
+        if "hogsvd" in method.needs:  # written by its own worker (rule hogsvd), not measured here
+            extra["hogsvd"] = spec["hogsvd_cache"]
         out = Path(tmp) / "merged.h5"
         rss0 = rss_now()
         t0, c0 = time.perf_counter(), time.process_time()
         merge_group(experts, tv_paths, method, out, extra_paths=extra, device=spec["device"])
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_s": cpu, "peak_rss": peak_rss(), "rss_start": rss0}
+
+
+def worker_hogsvd_cache(spec: dict) -> dict:
+    """The group's HO-GSVD cache for the Higher-Order SB merge stage (as rule hogsvd writes it)."""
+    from submerge.recipe import HOGSVDSettings
+    from submerge.stages.spectra import hogsvd_group
+
+    n, paths = spec["n"], spec["paths"]
+    out = Path(spec["dir"]) / f"hogsvd_n{n}.h5"
+    if not out.exists():
+        hogsvd_group([f"e{i}" for i in range(n)], [paths[i % len(paths)] for i in range(n)], out,
+                     HOGSVDSettings(), device=spec["device"])
+    return {"path": str(out)}
 
 
 def worker_main(spec: dict) -> None:
@@ -341,7 +360,7 @@ def worker_main(spec: dict) -> None:
         print("RESULT " + json.dumps(build_base(spec["arch"], spec["quick"], spec["path"])), flush=True)
         return
     fn = {"methods": worker_methods, "diff": worker_diff, "stage_inputs": write_stage_inputs,
-          "stage": worker_stage}[kind]
+          "stage": worker_stage, "hogsvd_cache": worker_hogsvd_cache}[kind]
     res = fn(spec)
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -570,13 +589,21 @@ class Bench:
             return
         for method in self.args.stage_methods:
             for n in self.args.stage_n:
+                extra = {}
+                if "hogsvd" in stage_method(method).needs:
+                    c = launch(self.spec(kind="hogsvd_cache", arch=arch, n=n, paths=inp["paths"], dir=str(d)),
+                               self.cap, self.args.timeout)
+                    if "error" in c:
+                        self.stage_rows.append({"arch": arch, "n": n, "method": method, **c})
+                        continue
+                    extra["hogsvd_cache"] = c["path"]
                 r = launch(self.spec(kind="stage", arch=arch, n=n, method=method, paths=inp["paths"],
-                                     dir=str(d)), self.cap, self.args.timeout)
+                                     dir=str(d), **extra), self.cap, self.args.timeout)
                 msg = r.get("error") or f"{r['seconds']:.1f} s, peak {r['peak_rss'] / GIB:.2f} GiB"
                 self.log(f"stage {arch} N={n} {method}: {msg}")
                 self.stage_rows.append({"arch": arch, "n": n, "method": method, "model_bytes": inp["model_bytes"],
                                         "distinct": distinct, **r})
-        for p in inp["paths"]:
+        for p in [*inp["paths"], *d.glob("hogsvd_n*.h5")]:
             Path(p).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------- report

@@ -16,7 +16,7 @@ from submerge.io import hdf5
 from submerge.io.hogsvd_cache import HOGSVDEntry, write_hogsvd_cache
 from submerge.layers import LayerInfo
 from submerge.merging import lines_alpha, merge, tall_masks
-from submerge.merging.source import InMemorySource
+from submerge.merging.source import InMemorySource, TaskVectorSource
 from submerge.merging.ties import TABLE_PERCENTS, threshold_table, trim_thresholds
 from submerge.recipe import Boost, Lines, Method
 from submerge.stages import merge as merge_stage
@@ -180,6 +180,49 @@ def test_rules_hold_one_parameter_of_the_experts_at_a_time(name, kwargs):
     # no tensor of another key is alive when a key is read
     assert source.max_other_alive == 0
     assert_same(got, merge(name, tvs, INFO, **kwargs))
+
+
+class LazyCountingSource(CountingSource):
+    """Like :class:`CountingSource`, but hands a key out as the files' source does: a
+    :class:`~submerge.merging.source.KeyTensors` that reads one task's tensor per access."""
+
+    def read(self, key):
+        return TaskVectorSource.read(self, key)
+
+    def _track(self, key, tensor):
+        self.max_alive = max(getattr(self, "max_alive", 0), len(self.alive))
+        return super()._track(key, tensor)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_rules_hold_a_few_experts_tensors_at_a_time(tmp_path, name, kwargs):
+    """Read lazily, every rule holds at most 3 expert tensors at any read (the first task's,
+    the last one read and the one being read), not all 7: memory flat in the number of
+    experts. The HO-GSVD itself needs every expert's matrix at once (here without a cache);
+    with a cache, the Higher-Order merge reads one expert at a time too."""
+    n = 7
+    tvs = make_tvs(n)
+    if name == "consensus" and isinstance(kwargs["lambdas"], list):
+        kwargs = {**kwargs, "lambdas": [0.3, 0.5, 0.2, 0.6, 0.1, 0.4, 0.7]}
+    if name == "hogsvd":
+        from submerge.io.hogsvd_cache import read_hogsvd_cache
+
+        kwargs = {"cache": read_hogsvd_cache(hogsvd_cache(tmp_path, tvs), with_basis=True)}
+    source = LazyCountingSource(tvs)
+    got = merge(name, source, INFO, **kwargs)
+    lines_alpha(source, got)
+    assert source.max_other_alive == 0
+    assert source.max_alive <= 3, source.max_alive
+    assert_same(got, merge(name, tvs, INFO, **kwargs))
+
+
+def test_hogsvd_without_a_cache_reads_each_expert_once_per_key():
+    """The HO-GSVD needs every expert's matrix at once: read once per key (not per row block)."""
+    tvs = make_tvs(3)
+    source = LazyCountingSource(tvs)
+    got = merge("hogsvd", source, INFO)
+    assert source.reads == len(tvs) * len(SHAPES)
+    assert_same(got, merge("hogsvd", tvs, INFO))
 
 
 def hogsvd_cache(tmp_path, tvs, pi=0.01):

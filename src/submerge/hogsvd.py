@@ -139,17 +139,7 @@ def _oriented(matrices: Sequence[Tensor], transpose: bool | None, dtype: torch.d
     if len(matrices) < 2:
         raise ValueError(f"HO-GSVD needs N >= 2 matrices, got {len(matrices)}")
     for i, a in enumerate(matrices):
-        if not isinstance(a, Tensor) or a.ndim != 2:
-            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
-            raise ValueError(f"matrix {i} must be a 2-D tensor, got {shape}")
-        if not a.is_floating_point():
-            raise ValueError(f"matrix {i} has non-float dtype {a.dtype}")
-        if a.numel() == 0:
-            raise ValueError(f"matrix {i} is empty (shape {tuple(a.shape)})")
-        if not bool(torch.isfinite(a).all()):
-            raise ValueError(f"matrix {i} contains NaN or Inf values")
-        if a.device != matrices[0].device:
-            raise ValueError(f"matrix {i} is on {a.device}, matrix 0 on {matrices[0].device}")
+        _check_matrix(i, a, matrices[0].device)
     shapes = [tuple(a.shape) for a in matrices]
     if transpose is None:
         _check_same(shapes, 1, "column")
@@ -160,6 +150,21 @@ def _oriented(matrices: Sequence[Tensor], transpose: bool | None, dtype: torch.d
         _check_same(shapes, 1, "column")
     mats = [(a.T if transpose else a).to(dtype) for a in matrices]
     return mats, bool(transpose)
+
+
+def _check_matrix(i: int, a: Tensor, device: torch.device) -> None:
+    """Input ``i`` is a finite, non-empty 2-D float tensor on ``device``."""
+    if not isinstance(a, Tensor) or a.ndim != 2:
+        shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+        raise ValueError(f"matrix {i} must be a 2-D tensor, got {shape}")
+    if not a.is_floating_point():
+        raise ValueError(f"matrix {i} has non-float dtype {a.dtype}")
+    if a.numel() == 0:
+        raise ValueError(f"matrix {i} is empty (shape {tuple(a.shape)})")
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"matrix {i} contains NaN or Inf values")
+    if a.device != device:
+        raise ValueError(f"matrix {i} is on {a.device}, matrix 0 on {device}")
 
 
 def _check_same(shapes: list[tuple[int, int]], dim: int, what: str) -> None:
@@ -298,24 +303,44 @@ def hogsvd(
     return HOGSVDResult(V=v, sigma=sigma, U=us, eigvals=eigvals, transposed=transposed)
 
 
-def _factors_from_basis(mats: list[Tensor], v: Tensor) -> tuple[list[Tensor], Tensor]:
-    """``U_i`` and ``sigma`` (``N x n``) of ``A_i = U_i diag(sigma_i) V^T`` for the shared
-    basis ``v`` and the oriented matrices ``mats`` (same dtype and device): ``B_i = A_i V^-T``
-    (one LU factorisation of ``V``, one solve per matrix), ``sigma_ik = ||B_i[:, k]||``,
+class _BasisFactors:
+    """``U_i`` and ``sigma_i`` of ``A_i = U_i diag(sigma_i) V^T`` for a shared basis ``V``, one
+    oriented matrix at a time (same dtype and device as ``V``): ``B_i = A_i V^-T`` (one LU
+    factorisation of ``V``, one solve per matrix), ``sigma_ik = ||B_i[:, k]||``,
     ``U_i = B_i / sigma_i`` with columns of zero ``sigma_ik`` (to working precision) set to
-    zero. The one place these are computed (:func:`hogsvd` and a cached basis alike)."""
-    n = v.shape[0]
-    lu, pivots, info = torch.linalg.lu_factor_ex(v)
-    if int(info) != 0:
-        raise ValueError("the shared basis V is singular")
-    us, sigmas = [], []
-    for a in mats:
-        b = torch.linalg.lu_solve(lu, pivots, a.T).T  # V B^T = A^T
+    zero. The one place these are computed (:func:`hogsvd` and a cached basis alike).
+
+    :meth:`add` keeps only ``sum_i U_i`` (in the order added) and the ``sigma_i``, so that
+    Algorithm 2's factors need one matrix at a time (the merge streams the experts)."""
+
+    def __init__(self, v: Tensor):
+        self.v = v
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(v)
+        if int(info) != 0:
+            raise ValueError("the shared basis V is singular")
+        self.tol = v.shape[0] * torch.finfo(v.dtype).eps
+        self.u_sum: Tensor | None = None
+        self.sigmas: list[Tensor] = []
+
+    def factor(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U_i, sigma_i)`` of one oriented matrix."""
+        b = torch.linalg.lu_solve(self.lu, self.pivots, a.T).T  # V B^T = A^T
         s = b.norm(dim=0)
-        nonzero = s > n * torch.finfo(v.dtype).eps * s.max()
-        us.append(torch.where(nonzero, b / torch.where(nonzero, s, 1), 0))
-        sigmas.append(s)
-    return us, torch.stack(sigmas)
+        nonzero = s > self.tol * s.max()
+        return torch.where(nonzero, b / torch.where(nonzero, s, 1), 0), s
+
+    def add(self, a: Tensor) -> None:
+        u, s = self.factor(a)
+        self.u_sum = u if self.u_sum is None else self.u_sum + u
+        self.sigmas.append(s)
+
+
+def _factors_from_basis(mats: list[Tensor], v: Tensor) -> tuple[list[Tensor], Tensor]:
+    """``U_i`` (a list) and ``sigma`` (``N x n``) of the oriented matrices ``mats`` for the
+    shared basis ``v`` (:class:`_BasisFactors`)."""
+    basis = _BasisFactors(v)
+    us, sigmas = zip(*(basis.factor(a) for a in mats))
+    return list(us), torch.stack(sigmas)
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -541,20 +566,36 @@ def higher_order_factors(
     """
     if basis is None:
         res = hogsvd(matrices, pi=pi, dtype=dtype, transpose=transpose)
-        us, sigma, v, transposed = res.U, res.sigma, res.V, res.transposed
-    else:
-        mats, transposed = _oriented(matrices, transpose, dtype)
-        n = mats[0].shape[1]
-        if not isinstance(basis, Tensor) or tuple(basis.shape) != (n, n):
-            shape = tuple(basis.shape) if isinstance(basis, Tensor) else type(basis).__name__
-            raise ValueError(
-                f"basis must be a {n}x{n} tensor ({'transposed' if transposed else 'input'} orientation), got {shape}"
-            )
-        v = basis.to(device=mats[0].device, dtype=dtype)
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError("basis contains NaN or Inf values")
-        us, sigma = _factors_from_basis(mats, v)
-    u_o = polar_factor(torch.stack(us).sum(0))
+        u_sum = res.U[0]
+        for u in res.U[1:]:
+            u_sum = u_sum + u
+        return _procrustes(u_sum, res.sigma, res.V, res.transposed)
+    mats, transposed = _oriented(matrices, transpose, dtype)
+    factors = _BasisFactors(_checked_basis(basis, mats[0], transposed))
+    for a in mats:
+        factors.add(a)
+    return _procrustes(factors.u_sum, torch.stack(factors.sigmas), factors.v, transposed)
+
+
+def _checked_basis(basis: Tensor, first: Tensor, transposed: bool) -> Tensor:
+    """A given shared basis ``V`` as ``n x n`` in ``first``'s (an oriented matrix's) dtype and
+    device, checked."""
+    n = first.shape[1]
+    if not isinstance(basis, Tensor) or tuple(basis.shape) != (n, n):
+        shape = tuple(basis.shape) if isinstance(basis, Tensor) else type(basis).__name__
+        raise ValueError(
+            f"basis must be a {n}x{n} tensor ({'transposed' if transposed else 'input'} orientation), got {shape}"
+        )
+    v = basis.to(device=first.device, dtype=first.dtype)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("basis contains NaN or Inf values")
+    return v
+
+
+def _procrustes(u_sum: Tensor, sigma: Tensor, v: Tensor, transposed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Lines 12-14 of Algorithm 2 from ``sum_i U_i`` (summed in expert order), ``sigma``
+    (``N x n``) and ``V``: ``(U_o, S, V_o^T)`` in the inputs' orientation."""
+    u_o = polar_factor(u_sum)
     v_o = polar_factor(v)
     s, order = sigma.sum(0).sort(descending=True)
     u_o, v_o = u_o[:, order], v_o[:, order]
@@ -713,23 +754,28 @@ def hogsvd_merge(
     return merged
 
 
-def _hogsvd_merge_key(key: str, tensors: list[Tensor], blocks: int | None, index, pi: float,
+def _hogsvd_merge_key(key: str, tensors: Sequence[Tensor], blocks: int | None, index, pi: float,
                       dtype: torch.dtype, where: str) -> Tensor:
-    """One parameter of :func:`hogsvd_merge` (``blocks``: its row blocks; None: not a target)."""
+    """One parameter of :func:`hogsvd_merge` (``blocks``: its row blocks; None: not a target).
+    With cached bases the experts are read one at a time (:func:`_factors_from_cache`); the
+    HO-GSVD itself needs all of them at once."""
     first = tensors[0]
     if blocks is None:
         return sum_tensors(tensors).to(first.dtype)
+    if index is not None:
+        factors = _factors_from_cache(key, tensors, [index[key, b] for b in range(blocks)], dtype)
+    else:
+        mats = list(tensors)
+        factors = []
+        for b in range(blocks):
+            try:
+                factors.append(higher_order_factors([x.chunk(blocks, dim=0)[b] for x in mats], pi=pi,
+                                                    dtype=dtype))
+            except ValueError as err:
+                raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
     parts = []
-    for b in range(blocks):
-        chunk = [x.chunk(blocks, dim=0)[b] for x in tensors]
+    for b, (u, s, vh) in enumerate(factors):
         entry = None if index is None else index[key, b]
-        try:
-            if entry is None:
-                u, s, vh = higher_order_factors(chunk, pi=pi, dtype=dtype)
-            else:
-                u, s, vh = higher_order_factors(chunk, dtype=dtype, basis=entry.V, transpose=entry.transposed)
-        except ValueError as err:
-            raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
         if entry is not None:
             want = entry.sigma.to(s.device, torch.float64).sum(0).sort(descending=True).values
             diff = float((s.to(torch.float64) - want).norm())
@@ -741,3 +787,27 @@ def _hogsvd_merge_key(key: str, tensors: list[Tensor], blocks: int | None, index
                 )
         parts.append(_compose(u, s, vh, first.dtype))
     return torch.cat(parts, dim=0)
+
+
+def _factors_from_cache(key: str, tensors: Sequence[Tensor], entries: Sequence, dtype: torch.dtype
+                        ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`higher_order_factors` with each row block's cached basis, for every row block of
+    one key, reading the experts one at a time (``tensors`` in expert order; a source has
+    checked that their shapes agree): the same operations in the same order, so the same
+    result, holding one expert's matrix plus ``sum_i U_i`` per block."""
+    _check_dtype(dtype)
+    blocks = len(entries)
+    factors: list[_BasisFactors | None] = [None] * blocks
+    device = tensors[0].device
+    for i, x in enumerate(tensors):
+        for b, (chunk, entry) in enumerate(zip(x.chunk(blocks, dim=0), entries)):
+            try:
+                _check_matrix(i, chunk, device)
+                a = (chunk.T if entry.transposed else chunk).to(dtype)
+                if factors[b] is None:
+                    factors[b] = _BasisFactors(_checked_basis(entry.V, a, entry.transposed))
+                factors[b].add(a)
+            except ValueError as err:
+                raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
+    return [_procrustes(f.u_sum, torch.stack(f.sigmas), f.v, entry.transposed)
+            for f, entry in zip(factors, entries)]

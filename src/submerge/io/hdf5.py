@@ -404,8 +404,8 @@ def _ties_table(check: "_Check") -> dict[str, float] | None:
 
 class TaskVectorFiles(TaskVectorSource):
     """Task-vector stores opened once, each checked against its manifest, and read one
-    parameter of every store at a time (a :class:`submerge.merging.source.TaskVectorSource`
-    the merge rules stream from). Every dataset read is checked against its sha256. Use as a
+    parameter at a time (a :class:`submerge.merging.source.TaskVectorSource` the merge rules
+    stream from: :meth:`read` gives a key as a sequence read one store at a time on access). Every dataset read is checked against its sha256. Use as a
     context manager (or call :meth:`close`).
 
     The stores must hold the same float keys with the same shapes and dtypes
@@ -471,9 +471,6 @@ class TaskVectorFiles(TaskVectorSource):
             tensor = _read_tensor(f[key], self._checks[index])
         self.reads += 1
         return tensor.to(self.device)
-
-    def read(self, key: str) -> list[torch.Tensor]:
-        return [self.read_one(i, key) for i in range(len(self.paths))]
 
     def attrs(self, index: int) -> dict:
         """The file attributes of store ``index``."""

@@ -50,13 +50,15 @@ def _lambdas(lambdas: float | Sequence[float], n_tasks: int) -> list[float]:
     return lambdas
 
 
+def _mask(x: Tensor, lam: float, mtl: Tensor) -> Tensor:
+    """One task's TALL mask of one key, compared in ``mtl``'s (compute) dtype."""
+    x = x.to(mtl.dtype)
+    return x.abs() > (mtl - x).abs() * lam
+
+
 def _key_masks(tensors: Sequence[Tensor], lambdas: Sequence[float], mtl: Tensor) -> list[Tensor]:
-    """The TALL masks of all tasks for one key, compared in ``mtl``'s (compute) dtype."""
-    out = []
-    for x, lam in zip(tensors, lambdas):
-        x = x.to(mtl.dtype)
-        out.append(x.abs() > (mtl - x).abs() * lam)
-    return out
+    """The TALL masks of all tasks for one key."""
+    return [_mask(x, lam, mtl) for x, lam in zip(tensors, lambdas)]
 
 
 @torch.no_grad()
@@ -94,7 +96,10 @@ def consensus_key(tensors: Sequence[Tensor], lambdas: Sequence[float], k: int,
     dtype (``multi_task`` defaults to ``sum_t Delta_t``; ``lambdas``: one value per task)."""
     work = compute_dtype(tensors[0].dtype)
     mtl = sum_tensors(tensors) if multi_task is None else multi_task.to(work)
-    count = sum(m.to(torch.int32) for m in _key_masks(tensors, lambdas, mtl))
+    count = None  # tasks whose mask keeps the entry, one task's mask alive at a time
+    for x, lam in zip(tensors, lambdas):
+        mask = _mask(x, lam, mtl)
+        count = mask.to(torch.int32) if count is None else count + mask
     return (mtl * (count >= k)).to(tensors[0].dtype)
 
 

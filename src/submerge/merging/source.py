@@ -3,11 +3,13 @@
 Every merge rule takes ``task_vectors``: either a sequence of state dicts (in memory, the CLI
 and the tests) or a :class:`TaskVectorSource`, which hands out one parameter of all ``T`` task
 vectors at a time (:meth:`TaskVectorSource.read`). The rules walk the keys in sorted order and
-keep only the current key's ``T`` tensors plus what they accumulate (the merged task vector,
-TIES' int8 elected signs), so with a source that reads from files
-(:class:`submerge.io.hdf5.TaskVectorFiles`) the merge's memory is about one model plus one
-parameter of each expert, flat in ``T``. Both kinds run the same per-parameter code, so the
-results are bitwise the same.
+keep only what they accumulate (the merged task vector, TIES' int8 elected signs). A source that
+reads from files (:class:`submerge.io.hdf5.TaskVectorFiles`) hands out a key as
+:class:`KeyTensors`, a sequence that reads task ``t``'s tensor when it is accessed and keeps
+only the first and the last one read; the per-parameter code walks it in task order (twice
+where the rule needs two passes, e.g. a sum and then per-task masks), so the merge's memory is
+about one model plus a few parameters, flat in ``T``. Both kinds run the same per-parameter
+code, so the results are bitwise the same.
 
 A source also knows each key's shape and dtype without reading data (:meth:`meta`), and may
 know TIES' per-task trim thresholds (:meth:`ties_thresholds`, recorded when the task vector
@@ -17,19 +19,20 @@ was extracted).
 from __future__ import annotations
 
 from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence as SequenceABC
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["TaskVectorSource", "InMemorySource", "as_source"]
+__all__ = ["TaskVectorSource", "InMemorySource", "KeyTensors", "as_source"]
 
 
 class TaskVectorSource:
     """``T`` task vectors with identical float keys, shapes and dtypes, read key by key.
 
-    Subclasses set ``keys`` (sorted) and implement :meth:`meta`, :meth:`read`, :meth:`read_one`
-    and :meth:`__len__`."""
+    Subclasses set ``keys`` (sorted) and implement :meth:`meta`, :meth:`read_one` and
+    :meth:`__len__` (and :meth:`read` where they hold the tensors anyway)."""
 
     keys: list[str]
     progress: bool = False  # show a progress bar over the keys (long reads from files)
@@ -41,13 +44,14 @@ class TaskVectorSource:
         """``(shape, dtype)`` of ``key`` (the same in every task vector), reading no data."""
         raise NotImplementedError
 
-    def read(self, key: str) -> list[Tensor]:
-        """``key`` of every task vector, in task order."""
-        raise NotImplementedError
+    def read(self, key: str) -> Sequence[Tensor]:
+        """``key`` of every task vector, in task order (by default a :class:`KeyTensors`,
+        read on access)."""
+        return KeyTensors(self, key)
 
     def read_one(self, index: int, key: str) -> Tensor:
         """``key`` of task vector ``index``."""
-        return self.read(key)[index]
+        raise NotImplementedError
 
     def ties_thresholds(self, k: float) -> list[Tensor | None] | None:
         """Per task, TIES' trim threshold for top-``k`` % where it is known without reading
@@ -71,6 +75,40 @@ class TaskVectorSource:
         from tqdm import tqdm
 
         return iter(tqdm(self.keys, desc=desc, unit="param", mininterval=5, leave=False))
+
+
+class KeyTensors(SequenceABC):
+    """One parameter of every task vector of a source, read on access (``len`` = number of
+    tasks; slices are views). It keeps the first task's tensor (shapes and dtypes are asked of
+    it) and the last one read, so walking it in task order reads each tensor once and holds at
+    most two; any other access reads the file again. Use ``list(...)`` where a computation
+    needs all ``T`` tensors at once."""
+
+    def __init__(self, source: TaskVectorSource, key: str, indices: range | None = None,
+                 cache: dict | None = None):
+        self._source, self._key = source, key
+        self._indices = range(len(source)) if indices is None else indices
+        self._cache = {} if cache is None else cache  # task index -> tensor (first and last)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return KeyTensors(self._source, self._key, self._indices[i], self._cache)
+        index = self._indices[i]
+        tensor = self._cache.get(index)
+        if tensor is None:
+            tensor = self._source.read_one(index, self._key)
+            first = self._cache.get(0)
+            self._cache.clear()
+            if first is not None:
+                self._cache[0] = first
+            self._cache[index] = tensor
+        return tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[i] for i in range(len(self)))
 
 
 class _LazyTaskVector(MappingABC):

@@ -13,11 +13,12 @@ Matches the reference code used by the vision merging literature (nik-dim/tall_m
   (``"dis-sum"``; FusionBench calls the same computation ``"sum"``) or averaged over their
   count clamped at 1 (``"dis-mean"``, the TIES method's default).
 
-Memory: the threshold is computed one task at a time (one flattened vector alive), or read
-from the task-vector file, where extraction recorded it (:func:`threshold_table`); the merge
-runs key by key (one parameter of every task at a time: :func:`ties_elect_key`, then
-:func:`ties_disjoint_key`) keeping only the int8 elected signs between the two passes; the
-tasks' flattened vectors are never stacked.
+Memory: the threshold is computed one task at a time (one flattened vector alive, selected in
+place), or read from the task-vector file, where extraction recorded it
+(:func:`threshold_table`); the merge runs key by key (:func:`ties_elect_key`, then
+:func:`ties_disjoint_key`, each walking the tasks' tensors of the key once, in order, so that a
+source reading files holds one task's tensor at a time) keeping only the int8 elected signs
+between the two passes; the tasks' flattened vectors are never stacked.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ def _flatten_task(keys: Sequence[str], sizes: Sequence[int], get: Callable[[str]
     return flat
 
 
+def _kth_smallest(flat: Tensor, rank: int) -> Tensor:
+    """The ``rank``-th smallest entry (1-based) of a flat vector, which it may reorder. On the
+    CPU numpy's in-place partition (no copy; ``torch.kthvalue`` copies the vector and builds an
+    int64 index of it: three more vectors' worth of memory); the same value either way."""
+    if flat.device.type != "cpu":
+        return torch.kthvalue(flat, rank).values
+    array = flat.numpy()
+    array.partition(rank - 1)
+    return torch.tensor(array[rank - 1], dtype=flat.dtype)
+
+
 @torch.no_grad()
 def _thresholds(src: TaskVectorSource, k: float) -> list[Tensor | None]:
     keys = src.keys
@@ -85,7 +97,7 @@ def _thresholds(src: TaskVectorSource, k: float) -> list[Tensor | None]:
             out.append(None)
             continue
         flat = _flatten_task(keys, sizes, lambda key, i=i: src.read_one(i, key), dtype)
-        out.append(torch.kthvalue(flat, kth_rank(d, k)).values)
+        out.append(_kth_smallest(flat, kth_rank(d, k)))
         del flat
     return out
 

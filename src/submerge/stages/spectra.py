@@ -49,7 +49,7 @@ def _hogsvd_entries(source, settings: HOGSVDSettings) -> list:
     entries = []
     for key in tqdm(sorted(targets), desc="HO-GSVD", unit="layer", mininterval=5):
         blocks, info = targets[key], layer_info[key]
-        tensors = source.read(key)
+        tensors = list(source.read(key))  # the HO-GSVD needs every expert's matrix at once
         for b in range(blocks):
             mats = [x.chunk(blocks, dim=0)[b] for x in tensors]
             start = time.perf_counter()
