@@ -80,18 +80,6 @@ def open_task_vectors(tv_paths: Sequence[PathLike], device: torch.device | str =
     return TaskVectorFiles(tv_paths, device)
 
 
-def load_task_vectors(tv_paths: Sequence[PathLike], device: torch.device):
-    """The task vectors of ``tv_paths`` on ``device``, all in memory, and their (shared) layer
-    info. The merge stage streams instead (:func:`open_task_vectors`)."""
-    from submerge.io import hdf5
-
-    tvs, layer_info = [], None
-    for path in tv_paths:
-        tv, layer_info, _ = hdf5.read_state_dict(path)
-        tvs.append({k: v.to(device) for k, v in tv.items()})
-    return tvs, layer_info
-
-
 def merged_module(suite: Suite, base: Mapping, delta: Mapping, alpha: float,
                   device: torch.device):
     """θ = θ_base + α·Δ loaded into a fresh tower module on ``device`` (``base`` from

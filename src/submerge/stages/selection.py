@@ -11,7 +11,7 @@ from typing import Sequence
 
 from submerge.recipe import (SCORE_DIGITS, EvalSettings, GridPoint, Method, SelectionExperiment,
                              Suite, choose_point)
-from submerge.stages.common import (PathLike, evaluate_on, load_base, load_task_vectors,
+from submerge.stages.common import (PathLike, evaluate_on, load_base, open_task_vectors,
                                     merged_module, record_provenance, resolve_device)
 from submerge.stages.evaluate import expert_val_accuracy, read_references
 from submerge.stages.merge import boost_factors, merged_task_vector, point_delta, reconstruct
@@ -64,9 +64,10 @@ def run_selection_draw(suite: Suite, universe: Sequence[str], experiment: Select
     paths = dict(zip(universe, tv_paths))
     refs = read_references(reference_paths)
     device = resolve_device(settings.device)
-    tvs, layer_info = load_task_vectors([paths[e] for e in members], device)
+    with open_task_vectors([paths[e] for e in members], device) as source:  # streamed, as the merge stage
+        layer_info = source.layer_info
+        delta_fn, lines_scale = _selection_merger(method, source, layer_info)
     base = load_base(base_path, device)
-    delta_fn, lines_scale = _selection_merger(method, tvs, layer_info)
 
     def model(point: GridPoint, delta):
         d, coefficient = point_delta(delta, layer_info, method, point.alpha, lines_scale)
