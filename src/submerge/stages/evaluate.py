@@ -56,6 +56,7 @@ class Sweep:
         self._code = None
         self._loaded = None
         self._deltas: dict = {}
+        self._module = None  # (adapter, tower module), built by the first model()
         self.lines_scale = None  # LiNeS' scale from the merged cache (reference protocol)
 
     def share_loaded(self, other: "Sweep") -> None:
@@ -102,10 +103,24 @@ class Sweep:
         return self._deltas[beta]
 
     def model(self, point: GridPoint):
+        """``(adapter, module, θ)`` of ``point``. The tower is built once (a random init of
+        seconds) and each later call loads the point's θ into it (strict: every parameter and
+        persistent buffer is overwritten), so a module returned earlier then holds the latest
+        point's weights."""
+        from submerge.merging.task_vectors import apply_task_vector
+
         device, base, _, _, layer_info, _ = self._load()
         delta, coefficient = point_delta(self.delta(point.beta), layer_info, self.method,
                                          point.alpha, self.lines_scale)
-        return merged_module(self.suite, base, delta, coefficient, device)
+        if self._module is None:
+            adapter, module, theta = merged_module(self.suite, base, delta, coefficient, device)
+            self._module = (adapter, module)
+            return adapter, module, theta
+        adapter, module = self._module  # θ as merged_module computes it
+        theta = apply_task_vector(base, {k: v.to(base[k].dtype) for k, v in delta.items()},
+                                  coefficient)
+        module.load_state_dict(theta)
+        return adapter, module, theta
 
     def accuracy(self, point: GridPoint, split: str) -> dict:
         """``{"accuracy": {task: acc}, "device": ...}`` of ``point`` on ``split``, from the

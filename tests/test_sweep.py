@@ -1,0 +1,67 @@
+"""The sweep's per-point path (:class:`submerge.stages.evaluate.Sweep`): Δ rebuilt per β from
+factors that keep their polar factors, one β's Δ held at a time, points grouped by β, and the
+tower built once and reloaded per point — each point's model equal, bitwise, to one built
+from scratch the way the export does (plain factors, a fresh module)."""
+
+from __future__ import annotations
+
+import torch
+
+from submerge.boosting import BoostFactors
+from submerge.models import get_adapter
+from submerge.recipe import GridPoint, parse_config
+from submerge.stages.common import merged_module
+from submerge.stages.evaluate import Sweep, by_beta
+from submerge.stages.merge import boost_factors, point_delta, reconstruct
+from workflow_utils import load_tiny
+
+
+def test_by_beta_groups_points_by_beta_and_keeps_their_order_within_a_beta():
+    points = [GridPoint(a, b) for a in (0.1, 0.5, 1.0) for b in (0.2, None, 0.0)]  # α outer
+    order = by_beta(points)
+    assert sorted(order) == list(range(len(points)))
+    assert [points[i].beta for i in order] == [None] * 3 + [0.0] * 3 + [0.2] * 3
+    assert [points[i].alpha for i in order] == [0.1, 0.5, 1.0] * 3
+
+
+def _sweep(tmp_path):
+    recipe = parse_config(load_tiny())
+    method = recipe.methods["ta_sb"]
+    files = {}
+    for name in ("base", "merged", "head_rot90", "head_parity"):  # hashed for the cache identity only
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    sweep = Sweep(recipe.suite, ["rot90", "parity"], method, "g2", files["base"], files["merged"],
+                  [files["head_rot90"], files["head_parity"]], recipe.eval, tmp_path / "cache")
+    adapter = get_adapter(recipe.suite.adapter)
+    torch.manual_seed(0)
+    base = {k: v.detach().clone() for k, v in adapter.build(recipe.suite.arch).state_dict().items()}
+    layer_info = adapter.layer_infos(base)
+    delta = {k: 0.05 * torch.randn_like(v) for k, v in base.items() if v.is_floating_point()}
+    factors = boost_factors(method, delta, layer_info)
+    assert factors and all(isinstance(f, BoostFactors) for f in factors.values())
+    dense = {k: v for k, v in delta.items() if k not in factors}
+    sweep._loaded = (torch.device("cpu"), base, dense, factors, layer_info, [])  # as _load() leaves it
+    plain = {k: [tuple(block) for block in f] for k, f in factors.items()}  # as the export reads them
+    return recipe, method, sweep, base, dense, plain, layer_info
+
+
+def test_sweep_models_equal_models_built_from_scratch(tmp_path):
+    recipe, method, sweep, base, dense, plain, layer_info = _sweep(tmp_path)
+    points = [GridPoint(0.5, 0.0), GridPoint(1.0, 0.0), GridPoint(0.5, 0.2), GridPoint(1.0, None),
+              GridPoint(0.3, 0.0)]
+    x = torch.randn(2, 3, *sweep.model(points[0])[1].image_size, generator=torch.Generator().manual_seed(1))
+    first = None
+    for point in points:
+        _, module, theta = sweep.model(point)
+        first = first or module
+        assert module is first  # built once, reloaded
+        assert list(sweep._deltas) == [point.beta]  # one β's Δ held
+        delta, coefficient = point_delta(reconstruct(dense, plain, layer_info, method, point.beta),
+                                         layer_info, method, point.alpha, None)
+        _, fresh, want = merged_module(recipe.suite, base, delta, coefficient, torch.device("cpu"))
+        assert theta.keys() == want.keys() and all(torch.equal(theta[k], want[k]) for k in want)
+        got_sd, want_sd = module.state_dict(), fresh.state_dict()
+        assert got_sd.keys() == want_sd.keys() and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
+        with torch.no_grad():
+            assert torch.equal(module(x), fresh(x))
