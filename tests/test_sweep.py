@@ -65,3 +65,56 @@ def test_sweep_models_equal_models_built_from_scratch(tmp_path):
         assert got_sd.keys() == want_sd.keys() and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
         with torch.no_grad():
             assert torch.equal(module(x), fresh(x))
+
+
+def test_run_sweep_evaluates_by_beta_and_keeps_each_points_record_next_to_its_saved_model(tmp_path, monkeypatch):
+    """run_sweep evaluates the points grouped by β (each β's Δ built once), writes one record per
+    point with its accuracy, chooses on validation over the points in their given order, and with
+    ``save_merged`` keeps each point's model beside its record (its sidecar does not replace
+    the record)."""
+    from safetensors.torch import load_file
+
+    from submerge.io.jsonio import read_json, write_json
+    from submerge.stages import evaluate
+
+    recipe, method, prepared, base, dense, plain, layer_info = _sweep(tmp_path)
+    built, evaluated = [], []
+
+    class Prepared(Sweep):
+        def _load(self):
+            self.lines_scale = None
+            return prepared._loaded
+
+        def delta(self, beta):
+            if beta not in self._deltas:
+                built.append(beta)
+            return super().delta(beta)
+
+        def accuracy(self, point, split):
+            self.model(point)
+            evaluated.append((point, split))
+            score = 1.0 - abs(point.alpha - 0.5) - (point.beta or 0.0)  # best: α 0.5, β 0
+            return {"accuracy": {"rot90": score, "parity": score}, "device": "cpu"}
+
+    monkeypatch.setattr(evaluate, "Sweep", Prepared)
+    refs = []
+    for e in ("rot90", "parity"):
+        refs.append(tmp_path / f"{e}.json")
+        write_json(refs[-1], {"expert": e, "val": {"expert": 1.0, "zeroshot": 0.1},
+                              "test": {"expert": 1.0, "zeroshot": 0.1}})
+    points = [GridPoint(a, b) for a in (0.3, 0.5, 1.0) for b in (0.0, 0.2)]  # α outer
+    grid, test = tmp_path / "grid", tmp_path / "test.json"
+    evaluate.run_sweep(recipe.suite, ["rot90", "parity"], method, "g2", points, prepared.base_path,
+                       prepared.merged_path, [], refs, grid, test, recipe.eval, tmp_path / "cache",
+                       save_merged=True)
+    assert built == [0.0, 0.2, 0.0]  # each β once, then the test point's
+    assert [p.beta for p, split in evaluated if split == "val"] == [0.0] * 3 + [0.2] * 3
+    assert read_json(test)["alpha"] == 0.5 and read_json(test)["beta"] == 0.0
+    for point in points:
+        record = read_json(grid / f"{point.name}.json")
+        assert (record["alpha"], record["beta"]) == (point.alpha, point.beta) and "accuracy" in record
+        saved = load_file(grid / f"{point.name}.model.safetensors")
+        _, _, want = merged_module(recipe.suite, base, *point_delta(
+            reconstruct(dense, plain, layer_info, method, point.beta), layer_info, method, point.alpha, None),
+            torch.device("cpu"))
+        assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)

@@ -191,8 +191,10 @@ def run_sweep(suite: Suite, experts: Sequence[str], method: Method, group: str,
             from submerge.io.checkpoints import save_normalized
 
             _, _, theta = sweep.model(point)
+            # <name>.model.safetensors: its sidecar (<name>.model.json) must not overwrite the
+            # point's record <name>.json (it did, as <name>.safetensors)
             save_normalized({k: v.cpu() for k, v in theta.items()},
-                            grid_dir / f"{point.name}.safetensors",
+                            grid_dir / f"{point.name}.model.safetensors",
                             {"group": group, "method": method.name, "alpha": point.alpha,
                              "beta": point.beta})
     results = [(point, accuracies[i]) for i, point in enumerate(points)]  # in the order of points
