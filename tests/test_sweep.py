@@ -56,7 +56,7 @@ def test_sweep_models_equal_models_built_from_scratch(tmp_path):
         _, module, theta = sweep.model(point)
         first = first or module
         assert module is first  # built once, reloaded
-        assert list(sweep._deltas) == [point.beta]  # one β's Δ held
+        assert len(sweep._shared["deltas"]) == 1  # one β's Δ held
         delta, coefficient = point_delta(reconstruct(dense, plain, layer_info, method, point.beta),
                                          layer_info, method, point.alpha, None)
         _, fresh, want = merged_module(recipe.suite, base, delta, coefficient, torch.device("cpu"))
@@ -85,11 +85,6 @@ def test_run_sweep_evaluates_by_beta_and_keeps_each_points_record_next_to_its_sa
             self.lines_scale = None
             return prepared._loaded
 
-        def delta(self, beta):
-            if beta not in self._deltas:
-                built.append(beta)
-            return super().delta(beta)
-
         def accuracy(self, point, split):
             self.model(point)
             evaluated.append((point, split))
@@ -97,6 +92,7 @@ def test_run_sweep_evaluates_by_beta_and_keeps_each_points_record_next_to_its_sa
             return {"accuracy": {"rot90": score, "parity": score}, "device": "cpu"}
 
     monkeypatch.setattr(evaluate, "Sweep", Prepared)
+    monkeypatch.setattr(evaluate, "reconstruct", lambda *a: built.append(a[-1]) or reconstruct(*a))
     refs = []
     for e in ("rot90", "parity"):
         refs.append(tmp_path / f"{e}.json")
@@ -118,3 +114,32 @@ def test_run_sweep_evaluates_by_beta_and_keeps_each_points_record_next_to_its_sa
             reconstruct(dense, plain, layer_info, method, point.beta), layer_info, method, point.alpha, None),
             torch.device("cpu"))
         assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+
+
+def test_sweeps_that_share_a_load_share_one_delta_and_one_module(tmp_path):
+    """Table 8's per-kind β sweeps (share_loaded): each point's model still equals one built from
+    scratch, while the sweeps hold one Δ and one tower between them."""
+    from submerge.stages.beta_grid import kind_beta_method
+
+    recipe, method, first, base, dense, plain, layer_info = _sweep(tmp_path)
+    sweeps = []
+    for pair in ((0.0, 0.2), (0.2, 0.0), (0.2, 0.2)):
+        sweep = Sweep(recipe.suite, first.experts, kind_beta_method(method, *pair), "g2", first.base_path,
+                      first.merged_path, [], recipe.eval, tmp_path / "cache")
+        sweep.share_loaded(first)
+        sweeps.append(sweep)
+    modules, thetas = set(), []
+    for sweep in sweeps + sweeps[:1]:
+        for point in (GridPoint(0.5, 0.0), GridPoint(1.0, 0.0)):
+            _, module, theta = sweep.model(point)
+            modules.add(id(module))
+            thetas.append(theta)
+            assert len(first._shared["deltas"]) == 1 and sweep._shared is first._shared
+            delta, coefficient = point_delta(reconstruct(dense, plain, layer_info, sweep.method, point.beta),
+                                             layer_info, sweep.method, point.alpha, None)
+            _, fresh, want = merged_module(recipe.suite, base, delta, coefficient, torch.device("cpu"))
+            assert all(torch.equal(theta[k], want[k]) for k in want)
+            got_sd = module.state_dict()
+            assert all(torch.equal(got_sd[k], v) for k, v in fresh.state_dict().items())
+    assert len(modules) == 1
+    assert not all(torch.equal(thetas[0][k], thetas[2][k]) for k in thetas[0])  # the pairs' Δ differ

@@ -55,8 +55,8 @@ class Sweep:
         self.evaluated = 0  # points computed in this job (not served from the cache)
         self._code = None
         self._loaded = None
-        self._deltas: dict = {}
-        self._module = None  # (adapter, tower module), built by the first model()
+        # the latest Δ (keyed by its per-kind β) and the tower module, shared by share_loaded
+        self._shared: dict = {"deltas": {}, "module": None}
         self.lines_scale = None  # LiNeS' scale from the merged cache (reference protocol)
 
     def share_loaded(self, other: "Sweep") -> None:
@@ -66,6 +66,7 @@ class Sweep:
             raise ValueError("share_loaded: sweeps of different merged caches or groups")
         self._loaded = other._load()
         self.lines_scale = other.lines_scale
+        self._shared = other._shared
 
     def code(self) -> dict:
         """The code version that computes this job's evaluations (git commit, package hash)."""
@@ -95,28 +96,33 @@ class Sweep:
         return self._loaded
 
     def delta(self, beta: float | None) -> dict:
-        """Δ boosted at ``beta`` (the latest β's Δ is kept: one model, not one per β)."""
-        if beta not in self._deltas:
+        """Δ boosted at ``beta`` (the latest Δ is kept: one model, not one per β; keyed by the
+        per-kind β it is boosted at, which is all that :func:`reconstruct` takes from the
+        method)."""
+        betas = self.method.boost.betas(beta) if self.method.boost is not None else {}
+        key = tuple(sorted(betas.items()))
+        deltas = self._shared["deltas"]
+        if key not in deltas:
             _, _, dense, factors, layer_info, _ = self._load()
-            self._deltas.clear()
-            self._deltas[beta] = reconstruct(dense, factors, layer_info, self.method, beta)
-        return self._deltas[beta]
+            deltas.clear()
+            deltas[key] = reconstruct(dense, factors, layer_info, self.method, beta)
+        return deltas[key]
 
     def model(self, point: GridPoint):
         """``(adapter, module, θ)`` of ``point``. The tower is built once (a random init of
         seconds) and each later call loads the point's θ into it (strict: every parameter and
-        persistent buffer is overwritten), so a module returned earlier then holds the latest
-        point's weights."""
+        persistent buffer is overwritten), so a module returned earlier (by this sweep or one
+        that shares its load) then holds the latest point's weights."""
         from submerge.merging.task_vectors import apply_task_vector
 
         device, base, _, _, layer_info, _ = self._load()
         delta, coefficient = point_delta(self.delta(point.beta), layer_info, self.method,
                                          point.alpha, self.lines_scale)
-        if self._module is None:
+        if self._shared["module"] is None:
             adapter, module, theta = merged_module(self.suite, base, delta, coefficient, device)
-            self._module = (adapter, module)
+            self._shared["module"] = (adapter, module)
             return adapter, module, theta
-        adapter, module = self._module  # θ as merged_module computes it
+        adapter, module = self._shared["module"]  # θ as merged_module computes it
         theta = apply_task_vector(base, {k: v.to(base[k].dtype) for k, v in delta.items()},
                                   coefficient)
         module.load_state_dict(theta)
