@@ -188,23 +188,38 @@ def run_ours(method: str, tvs, base, layer_info):
     raise ValueError(f"unknown method {method!r}; known: {OURS}")
 
 
+GRID_PHASES: dict = {}  # CPU seconds of run_grid's phases, reported by the worker
+
+
 def run_grid(which: str, delta, base, layer_info):
     """``grid``: SVD factors once, one reconstruction per β, θ_0 + αΔ per point (what the
-    pipeline's merge and grid stages compute); ``alg1``: one literal Algorithm-1 point."""
+    pipeline's merge and grid stages compute); ``alg1``: one literal Algorithm-1 point.
+    Uses only what every version of ``submerge.boosting`` has (``--grid-before`` runs it
+    on another source tree); the CPU seconds of each phase go to :data:`GRID_PHASES`."""
     from submerge.boosting import boost_from_factors, subspace_boost, svd_factors
     from submerge.merging.task_vectors import apply_task_vector
 
+    clock = time.process_time
+    t0 = clock()
     if which == "alg1":
         boosted = subspace_boost(delta, layer_info, beta=SB_BETA)
-        return apply_task_vector(base, boosted, GRID_ALPHAS[0])
+        t1 = clock()
+        theta = apply_task_vector(base, boosted, GRID_ALPHAS[0])
+        GRID_PHASES.update(boost=t1 - t0, apply=clock() - t1)
+        return theta
     factors = svd_factors(delta, layer_info)
+    GRID_PHASES.update(svd=clock() - t0, rebuild=0.0, apply=0.0)
     theta = None
     for beta in GRID_BETAS:
+        t1 = clock()
         boosted = dict(delta)
         for key, fs in factors.items():
             boosted[key] = boost_from_factors(fs, beta=beta, alpha=1.0, dtype=delta[key].dtype)
+        t2 = clock()
         for alpha in GRID_ALPHAS:
             theta = apply_task_vector(base, boosted, alpha)
+        GRID_PHASES["rebuild"] += t2 - t1
+        GRID_PHASES["apply"] += clock() - t2
     return theta
 
 
@@ -254,6 +269,8 @@ def worker_methods(spec: dict) -> dict:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     res = {"seconds": seconds, "cpu_s": cpu, "peak_rss": peak_rss(), "rss_inputs": rss_inputs,
            "model_bytes": model_bytes(base)}
+    if spec["impl"] == "grid":
+        res["phases"] = dict(GRID_PHASES)
     if device.type == "cuda":
         res["gpu_peak_over_inputs"] = torch.cuda.max_memory_allocated(device) - gpu_inputs
     if spec.get("save"):
@@ -384,7 +401,7 @@ CURRENT: list = []  # the running worker, killed on SIGTERM
 def launch(spec: dict, cap_bytes: int | None, timeout: float) -> dict:
     """Run one worker; kill it past ``cap_bytes`` of RSS or ``timeout`` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    src = str(HERE.parent / "src")
+    src = spec.get("src") or str(HERE.parent / "src")  # --grid-before: another source tree
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -561,21 +578,31 @@ class Bench:
         self.rows.append(row)
 
     def grid(self, arch: str, n: int) -> None:
-        res = {}
+        """The grid and one point, on this tree's ``src`` and (``--grid-before``) another's,
+        all interleaved."""
+        codes = [("this tree", None)] + ([(f"before ({self.args.grid_before})", str(self.args.grid_before))]
+                                         if self.args.grid_before else [])
+        runs = [(code, which) for code in codes for which in ("alg1", "grid")]
+        res: dict = {}
         for rep in range(self.args.repeats):
-            for which in (("alg1", "grid") if rep % 2 == 0 else ("grid", "alg1")):
-                r = launch(self.spec(kind="methods", impl="grid", method=which, arch=arch, n=n), self.cap,
-                           self.args.timeout)
-                res.setdefault(which, []).append(r)
-                msg = r.get("error") or f"{r['seconds']:.2f} s"
-                self.log(f"{arch} N={n} {which} rep {rep}: {msg}")
-        row = {"arch": arch, "n": n}
-        for which, rs in res.items():
-            ok = [r for r in rs if "error" not in r]
-            row[which] = statistics.median(r["seconds"] for r in ok) if ok else None
-            row[which + "_cpu"] = statistics.median(r["cpu_s"] for r in ok) if ok else None
-            row[which + "_rss"] = max((r["peak_rss"] for r in ok), default=None)
-        self.grid_rows.append(row)
+            for (label, src), which in (runs if rep % 2 == 0 else runs[::-1]):
+                r = launch(self.spec(kind="methods", impl="grid", method=which, arch=arch, n=n, src=src),
+                           self.cap, self.args.timeout)
+                res.setdefault(label, {}).setdefault(which, []).append(r)
+                msg = r.get("error") or f"{r['seconds']:.2f} s ({r['cpu_s']:.2f} CPU s) {r.get('phases', {})}"
+                self.log(f"{arch} N={n} {label} {which} rep {rep}: {msg}")
+        for label, by_which in res.items():
+            row = {"arch": arch, "n": n, "code": label}
+            for which, rs in by_which.items():
+                ok = [r for r in rs if "error" not in r]
+                row[which] = statistics.median(r["seconds"] for r in ok) if ok else None
+                row[which + "_cpu"] = statistics.median(r["cpu_s"] for r in ok) if ok else None
+                row[which + "_rss"] = max((r["peak_rss"] for r in ok), default=None)
+                for phase in ("svd", "rebuild", "apply", "boost"):
+                    vals = [r["phases"][phase] for r in ok if phase in r.get("phases", {})]
+                    if vals:
+                        row[f"{which}_{phase}"] = statistics.median(vals)
+            self.grid_rows.append(row)
 
     def stage(self, arch: str) -> None:
         d = self.work / f"stage_{arch}"
@@ -649,16 +676,22 @@ class Bench:
             lines.append("")
         if self.grid_rows:
             lines += ["### α×β grid (30 points) vs one literal Algorithm-1 point (TA + SB)", "",
-                      "| arch | N | grid s (CPU s) | one point s (CPU s) | grid ÷ point (CPU) | grid peak RSS GiB "
-                      "| point peak RSS GiB |",
-                      "|---|--:|--:|--:|--:|--:|--:|"]
+                      "| arch | N | code | grid s (CPU s) | one point s (CPU s) | grid ÷ point (CPU) "
+                      "| grid CPU s: SVDs / 5 rebuilds / 30 θ0+αΔ | point CPU s: SB / θ0+αΔ "
+                      "| grid peak RSS GiB | point peak RSS GiB |",
+                      "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
             for r in self.grid_rows:
                 g, p = r.get("grid"), r.get("alg1")
                 gc, pc = r.get("grid_cpu"), r.get("alg1_cpu")
-                lines.append(f"| {r['arch']} | {r['n']} | {g:.2f} ({gc:.2f}) | {p:.2f} ({pc:.2f}) | "
-                             f"{g / p:.2f} ({gc / pc:.2f}) | "
+
+                def ph(*keys):
+                    return " / ".join(f"{r[k]:.2f}" if k in r else "–" for k in keys)
+
+                lines.append(f"| {r['arch']} | {r['n']} | {r['code']} | {g:.2f} ({gc:.2f}) | {p:.2f} ({pc:.2f}) | "
+                             f"{g / p:.2f} ({gc / pc:.2f}) | {ph('grid_svd', 'grid_rebuild', 'grid_apply')} | "
+                             f"{ph('alg1_boost', 'alg1_apply')} | "
                              f"{r['grid_rss'] / GIB:.2f} | {r['alg1_rss'] / GIB:.2f} |" if g and p else
-                             f"| {r['arch']} | {r['n']} | {g} | {p} | – | – | – |")
+                             f"| {r['arch']} | {r['n']} | {r['code']} | {g} | {p} | – | – | – | – | – |")
             lines.append("")
         if self.stage_rows:
             lines += ["### Merge stage (`merge_group` on per-expert HDF5 task vectors)", "",
@@ -723,6 +756,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     p.add_argument("--peer-dir", type=Path, default=HERE / "peers" / "fusion_bench_0.2.33")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--grid-before", type=Path, default=None,
+                   help="grid: also measure with this source tree's submerge (e.g. main's src), interleaved")
     p.add_argument("--workdir", default=None, help="for temporary files (default: the system's)")
     p.add_argument("--out", type=Path, action="append", default=[],
                    help="markdown file(s) to append the table to (repeatable)")

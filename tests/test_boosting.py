@@ -263,3 +263,104 @@ def test_bad_options():
         subspace_boost({"q": torch.ones(5, 2)}, {"q": LayerInfo(0, "attn", stacked=3)}, beta=0.0)
     with pytest.raises(ValueError, match="no factors"):
         boost_from_factors([], beta=0.0)
+
+
+# ---------------------------------------------------------------- the polar form of the factored rebuild
+
+PD = 24  # model width of the polar-form tests: spectra with a few large singular values
+POLAR_INFO = {"attn.in_proj_weight": LayerInfo(0, "attn", stacked=3), "attn.out_proj.weight": LayerInfo(0, "attn"),
+              "mlp.c_fc.weight": LayerInfo(0, "mlp"), "mlp.c_proj.weight": LayerInfo(0, "mlp")}
+POLAR_SHAPES = {"attn.in_proj_weight": (3 * PD, PD), "attn.out_proj.weight": (PD, PD),
+                "mlp.c_fc.weight": (4 * PD, PD), "mlp.c_proj.weight": (PD, 4 * PD)}
+POLAR_BETAS = [0.0, 0.01, 0.02, 0.1, 0.2, 0.5, 0.9, 0.99]
+
+
+def structured(seed, dtype):
+    """A task-vector-like delta: a rank-4 part plus noise (a few dominant singular values, so
+    that small betas cut early and the polar form is used)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, (m, n) in POLAR_SHAPES.items():
+        low = torch.randn(m, 4, generator=g, dtype=torch.float64) @ torch.randn(4, n, generator=g, dtype=torch.float64)
+        out[key] = (low + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64)).to(dtype)
+    return out
+
+
+def rel_fro(a, b):
+    return float(torch.linalg.norm((a - b).double()) / torch.linalg.norm(b.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_polar_form_equals_literal_subspace_boost_within_tolerance(dtype, seed):
+    from submerge.boosting import POLAR_MAX_FRACTION, POLAR_RTOL
+
+    d = structured(seed, dtype)
+    factors = svd_factors(d, POLAR_INFO)
+    assert len(factors["attn.in_proj_weight"]) == 3  # per-row-block attention
+    used = {"polar": 0, "full": 0}
+    for beta in POLAR_BETAS:
+        literal = subspace_boost(d, POLAR_INFO, beta=beta)
+        for key, f in factors.items():
+            got = boost_from_factors(f, beta=beta, dtype=dtype)
+            assert got.dtype == dtype
+            assert rel_fro(got, literal[key]) <= POLAR_RTOL[dtype], (key, beta)
+            for u, s, vh in f:
+                used["polar" if boost_cutoff(s, beta) < POLAR_MAX_FRACTION * s.numel() else "full"] += 1
+            if all(boost_cutoff(s, beta) >= POLAR_MAX_FRACTION * s.numel() for _, s, _ in f):
+                # the full product: the literal rebuild, bitwise
+                assert torch.equal(got, literal[key]), (key, beta)
+    assert used["polar"] and used["full"]  # both forms exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_polar_form_against_algorithm_1(dtype):
+    d = structured(7, dtype)
+    factors = svd_factors(d, POLAR_INFO, attn_mode="full")
+    for beta in (0.0, 0.02, 0.2):
+        for key, f in factors.items():
+            want = algorithm_1(d[key].double(), beta)
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            assert rel_fro(boost_from_factors(f, beta=beta, alpha=0.3, dtype=torch.float64), 0.3 * want) <= tol
+
+
+def test_polar_form_beta_zero_is_sigma_max_times_the_polar_factor_bitwise():
+    f = svd_factors(structured(3, torch.float32), POLAR_INFO)["mlp.c_fc.weight"]
+    u, s, vh = f[0]
+    assert torch.equal(boost_from_factors(f, beta=0.0), (u @ vh) * s[0])
+
+
+def test_no_boosting_is_the_plain_product_bitwise():
+    for dtype in (torch.float32, torch.float64):
+        factors = svd_factors(structured(4, dtype), POLAR_INFO)
+        for f in factors.values():
+            want = torch.cat([(u * (0.7 * s)) @ vh for u, s, vh in f], dim=0)
+            assert torch.equal(boost_from_factors(f, beta=None, alpha=0.7, dtype=dtype), want)
+
+
+def test_cached_polar_factor_gives_the_same_bits_as_plain_factors():
+    from submerge.boosting import BoostFactors
+
+    factors = svd_factors(structured(5, torch.float32), POLAR_INFO)
+    for key, f in factors.items():
+        assert isinstance(f, BoostFactors)
+        plain = [tuple(block) for block in f]
+        for beta in POLAR_BETAS + [None]:
+            for alpha in (1.0, 0.25):
+                assert torch.equal(boost_from_factors(f, beta=beta, alpha=alpha),
+                                   boost_from_factors(plain, beta=beta, alpha=alpha)), (key, beta)
+    f = factors["attn.in_proj_weight"]
+    old = f.polar(1)
+    assert f.polar(1) is old  # computed once
+    assert f.polar_bytes() == 3 * PD * PD * 4
+    u, s, vh = f[1]
+    f[1] = (u.flip(1), s.flip(0), vh.flip(0))  # the same matrix from other tensors: recomputed
+    assert f.polar(1) is not old
+    torch.testing.assert_close(f.polar(1), u @ vh)
+
+
+def test_boost_factors_rejects_blocks_that_are_not_triples():
+    from submerge.boosting import BoostFactors
+
+    with pytest.raises(ValueError, match="block 0 is not"):
+        BoostFactors([(torch.eye(2), torch.ones(2))])

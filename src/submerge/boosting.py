@@ -19,6 +19,21 @@ paper speaks of "linear layers and attention layers") is the adapter's choice of
 Boosting is odd and positively homogeneous, ``SB(a W) = a SB(W)``, so the merging
 coefficient alpha and boosting commute: :func:`svd_factors` computes the SVDs once and
 :func:`boost_from_factors` rebuilds ``alpha * SB_beta(W)`` for any grid point.
+
+**The polar form.** With ``c = S[idx]``, ``S' = clamp(S, min=c)`` differs from the constant
+``c`` only in its first ``idx`` entries, so ``U diag(S') Vh = c (U Vh) + U[:, :idx]
+diag(S[:idx] - c) Vh[:idx]``. :func:`boost_from_factors` uses this form when ``idx <
+POLAR_MAX_FRACTION * k`` (``k`` singular values): with the polar factor ``P = U Vh`` of each
+row block computed once (:class:`BoostFactors` keeps it), every further beta costs a rank-idx
+update and a scaling instead of a full product (for beta = 0, ``idx = 0``: ``S[0] P``); for
+larger ``idx`` it rebuilds with the full product, as the literal :func:`boost_matrix` does.
+The two forms are equal in exact arithmetic, not bitwise: the polar form agrees with the
+literal :func:`subspace_boost` within ``‖a - b‖_F <= POLAR_RTOL[dtype] * ‖b‖_F`` (tested:
+``tests/test_boosting.py``). Which form a block gets depends only on ``(S, beta)``, never on
+whether ``P`` is cached, so every caller gets the same bits. ``beta=None`` (no boosting) is the
+full product ``U diag(S) Vh``, unchanged. Memory: ``P`` is one dense matrix per boosted row
+block, the size of the boosted matrix itself (about one model when every attention and MLP
+weight is boosted).
 """
 
 from __future__ import annotations
@@ -46,12 +61,24 @@ __all__ = [
     "subspace_boost",
     "svd_factors",
     "boost_from_factors",
+    "BoostFactors",
+    "POLAR_MAX_FRACTION",
+    "POLAR_RTOL",
 ]
 
 LAYERS = ("attn", "mlp", "both")
 ATTN_MODES = ("per_qkv", "full", "none")
 
 Factors = list[tuple[Tensor, Tensor, Tensor]]
+
+POLAR_MAX_FRACTION = 0.5
+"""The polar form rebuilds a block boosted at ``idx < POLAR_MAX_FRACTION * k``: a rank-idx
+update (``2 m idx n`` flops) plus a scaling instead of ``2 m k n``; with ``P`` not yet computed
+it costs at most 1.5 full products, once."""
+
+POLAR_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+"""Relative Frobenius difference allowed between the polar form and the full product, by the
+dtype of the factors (a few units of rounding times ``sqrt(k)``)."""
 
 
 def _check_beta(beta: float, name: str = "beta") -> float:
@@ -174,8 +201,53 @@ def svd_factors(
     attn_mode: str = "per_qkv",
 ) -> dict[str, Factors]:
     """Per target key, the reduced SVD ``(U, S, Vh)`` of each row block (float32, or
-    float64 for float64 input), for :func:`boost_from_factors`."""
-    return {key: [svd(block) for block in blocks] for key, blocks in _targets(delta, layer_info, layers, attn_mode)}
+    float64 for float64 input), for :func:`boost_from_factors`, as :class:`BoostFactors`."""
+    return {key: BoostFactors(svd(block) for block in blocks)
+            for key, blocks in _targets(delta, layer_info, layers, attn_mode)}
+
+
+class BoostFactors(list):
+    """The reduced SVDs ``(U, S, Vh)`` of the row blocks of one matrix (a list of 3-tuples,
+    as :func:`svd_factors` returns and :mod:`submerge.io.hdf5` stores them), with the polar
+    factor ``P = U Vh`` of each block computed on first use and kept, so that rebuilding the
+    matrix at several betas (:func:`boost_from_factors`) computes it once. A cached ``P`` is
+    used only while its block still holds the same ``U`` and ``Vh`` tensors."""
+
+    def __init__(self, blocks=()):
+        super().__init__(tuple(b) for b in blocks)
+        for i, block in enumerate(self):
+            if len(block) != 3:
+                raise ValueError(f"BoostFactors: block {i} is not (U, S, Vh)")
+        self._polar: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    @torch.no_grad()
+    def polar(self, i: int) -> Tensor:
+        """``U Vh`` of block ``i`` (cached)."""
+        u, _, vh = self[i]
+        cached = self._polar.get(i)
+        if cached is not None and cached[0] is u and cached[1] is vh:
+            return cached[2]
+        p = u @ vh
+        self._polar[i] = (u, vh, p)
+        return p
+
+    def polar_bytes(self) -> int:
+        """Bytes held by the cached polar factors."""
+        return sum(p.numel() * p.element_size() for _, _, p in self._polar.values())
+
+
+def _boost_block(u: Tensor, s: Tensor, vh: Tensor, beta: float | None, alpha: float, polar) -> Tensor:
+    """``alpha * U diag(boost_beta(S)) Vh`` of one block; ``polar()`` gives ``U Vh``."""
+    if beta is None:
+        return (u * (alpha * s)) @ vh
+    idx = boost_cutoff(s, beta)
+    if idx >= POLAR_MAX_FRACTION * s.numel():
+        return (u * (alpha * torch.clamp(s, min=s[idx]))) @ vh
+    c = s[idx]
+    out = polar() * (alpha * c)
+    if idx:
+        out.addmm_(u[:, :idx] * (alpha * (s[:idx] - c)), vh[:idx])
+    return out
 
 
 @torch.no_grad()
@@ -187,14 +259,19 @@ def boost_from_factors(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``alpha * U diag(boost_beta(S)) Vh`` per row block, blocks stacked along rows and
-    cast to ``dtype``; ``beta=None`` rebuilds without boosting. Equals
-    ``alpha * subspace_boost(delta)[key]`` (up to rounding)."""
+    cast to ``dtype``; ``beta=None`` rebuilds without boosting (the full product). Blocks
+    boosted at a small cutoff use the polar form (module docstring): equal to
+    ``alpha * subspace_boost(delta)[key]`` within :data:`POLAR_RTOL`. ``factors`` a
+    :class:`BoostFactors` keeps each ``U Vh`` for the next call; a plain sequence computes
+    it on the spot (same result, bitwise)."""
     if len(factors) == 0:
         raise ValueError("boost_from_factors: no factors given")
     if beta is not None:
         _check_beta(beta)
+    cached = isinstance(factors, BoostFactors)
     blocks = []
-    for u, s, vh in factors:
-        s = s if beta is None else boost_singular_values(s, beta)
-        blocks.append((u * (alpha * s)) @ vh)
-    return torch.cat(blocks, dim=0).to(dtype)
+    for i, (u, s, vh) in enumerate(factors):
+        polar = (lambda i=i: factors.polar(i)) if cached else (lambda u=u, vh=vh: u @ vh)
+        blocks.append(_boost_block(u, s, vh, beta, alpha, polar))
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)  # one block: no copy
+    return out.to(dtype)

@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 class Sweep:
     """The validation grid of one (group, method) and its test point, evaluated in one process:
     the base, the merged cache and each task's evaluation data are loaded once (and only if a
-    point is missing from the results cache), each β is reconstructed once and α is applied as
-    a scalar. Every point's result is kept in a content-addressed cache (:mod:`submerge.io.
+    point is missing from the results cache), Δ is reconstructed per β (the polar factors of the
+    boosted matrices kept for the next β, :class:`submerge.boosting.BoostFactors`; only the
+    latest β's Δ is held, :func:`by_beta` orders the points) and α is applied as a scalar.
+    Every point's result is kept in a content-addressed cache (:mod:`submerge.io.
     results_cache`) keyed by what determines it, so adding a point evaluates only that point
     and a rerun whose points are cached evaluates nothing."""
 
@@ -53,7 +55,8 @@ class Sweep:
         self.evaluated = 0  # points computed in this job (not served from the cache)
         self._code = None
         self._loaded = None
-        self._deltas: dict = {}
+        # the latest Δ (keyed by its per-kind β) and the tower module, shared by share_loaded
+        self._shared: dict = {"deltas": {}, "module": None}
         self.lines_scale = None  # LiNeS' scale from the merged cache (reference protocol)
 
     def share_loaded(self, other: "Sweep") -> None:
@@ -63,6 +66,7 @@ class Sweep:
             raise ValueError("share_loaded: sweeps of different merged caches or groups")
         self._loaded = other._load()
         self.lines_scale = other.lines_scale
+        self._shared = other._shared
 
     def code(self) -> dict:
         """The code version that computes this job's evaluations (git commit, package hash)."""
@@ -79,28 +83,50 @@ class Sweep:
     def _load(self):
         if self._loaded is None:
             device = resolve_device(self.settings.device)
+            from submerge.boosting import BoostFactors
             from submerge.io import hdf5
 
             dense, factors, layer_info, attrs = hdf5.read_factored(self.merged_path)
             self.lines_scale = attrs.get("lines_scale")
             dense = {k: v.to(device) for k, v in dense.items()}
-            factors = {k: [tuple(t.to(device) for t in f) for f in fs] for k, fs in factors.items()}
+            factors = {k: BoostFactors(tuple(t.to(device) for t in f) for f in fs)
+                       for k, fs in factors.items()}
             self._loaded = (device, load_base(self.base_path, device), dense, factors, layer_info,
                             load_tasks(self.suite, self.experts, self.eval_data))
         return self._loaded
 
     def delta(self, beta: float | None) -> dict:
-        """Δ boosted at ``beta`` (reconstructed once per β)."""
-        if beta not in self._deltas:
+        """Δ boosted at ``beta`` (the latest Δ is kept: one model, not one per β; keyed by the
+        per-kind β it is boosted at, which is all that :func:`reconstruct` takes from the
+        method)."""
+        betas = self.method.boost.betas(beta) if self.method.boost is not None else {}
+        key = tuple(sorted(betas.items()))
+        deltas = self._shared["deltas"]
+        if key not in deltas:
             _, _, dense, factors, layer_info, _ = self._load()
-            self._deltas[beta] = reconstruct(dense, factors, layer_info, self.method, beta)
-        return self._deltas[beta]
+            deltas.clear()
+            deltas[key] = reconstruct(dense, factors, layer_info, self.method, beta)
+        return deltas[key]
 
     def model(self, point: GridPoint):
+        """``(adapter, module, θ)`` of ``point``. The tower is built once (a random init of
+        seconds) and each later call loads the point's θ into it (strict: every parameter and
+        persistent buffer is overwritten), so a module returned earlier (by this sweep or one
+        that shares its load) then holds the latest point's weights."""
+        from submerge.merging.task_vectors import apply_task_vector
+
         device, base, _, _, layer_info, _ = self._load()
         delta, coefficient = point_delta(self.delta(point.beta), layer_info, self.method,
                                          point.alpha, self.lines_scale)
-        return merged_module(self.suite, base, delta, coefficient, device)
+        if self._shared["module"] is None:
+            adapter, module, theta = merged_module(self.suite, base, delta, coefficient, device)
+            self._shared["module"] = (adapter, module)
+            return adapter, module, theta
+        adapter, module = self._shared["module"]  # θ as merged_module computes it
+        theta = apply_task_vector(base, {k: v.to(base[k].dtype) for k, v in delta.items()},
+                                  coefficient)
+        module.load_state_dict(theta)
+        return adapter, module, theta
 
     def accuracy(self, point: GridPoint, split: str) -> dict:
         """``{"accuracy": {task: acc}, "device": ...}`` of ``point`` on ``split``, from the
@@ -127,6 +153,13 @@ class Sweep:
                 "accuracy": result["accuracy"], "code": result.get("code")}
 
 
+def by_beta(points: Sequence[GridPoint]) -> list[int]:
+    """The indices of ``points`` grouped by β (no boosting first, then β ascending; stable
+    within a β), the order in which :class:`Sweep` builds each β's Δ once."""
+    return sorted(range(len(points)),
+                  key=lambda i: (points[i].beta is not None, points[i].beta or 0.0))
+
+
 def run_sweep_part(suite: Suite, experts: Sequence[str], method: Method, group: str,
                    points: Sequence[GridPoint], base_path: PathLike, merged_path: PathLike,
                    head_paths: Sequence[PathLike], out: PathLike, settings: EvalSettings,
@@ -134,7 +167,8 @@ def run_sweep_part(suite: Suite, experts: Sequence[str], method: Method, group: 
     """A chunk of a grid on validation, into the results cache (``out``: what it holds)."""
     sweep = Sweep(suite, experts, method, group, base_path, merged_path, head_paths, settings,
                   cache_dir, eval_data)
-    records = [sweep.point_record(p, "val", sweep.accuracy(p, "val")) for p in points]
+    results = {i: sweep.accuracy(points[i], "val") for i in by_beta(points)}
+    records = [sweep.point_record(p, "val", results[i]) for i, p in enumerate(points)]
     log.info("%s/%s: %d of %d points evaluated, the rest cached", group, method.name,
              sweep.evaluated, len(points))
     write_json(out, {"points": records, "evaluated": sweep.evaluated})
@@ -153,20 +187,24 @@ def run_sweep(suite: Suite, experts: Sequence[str], method: Method, group: str,
                   cache_dir, eval_data)
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
-    results, point_files = [], []
-    for point in points:
+    accuracies = {}
+    for i in by_beta(points):  # each β's Δ built once
+        point = points[i]
         result = sweep.accuracy(point, "val")
-        results.append((point, result["accuracy"]))
-        point_files.append(grid_dir / f"{point.name}.json")
-        write_json(point_files[-1], sweep.point_record(point, "val", result))
+        accuracies[i] = result["accuracy"]
+        write_json(grid_dir / f"{point.name}.json", sweep.point_record(point, "val", result))
         if save_merged:
             from submerge.io.checkpoints import save_normalized
 
             _, _, theta = sweep.model(point)
+            # <name>.model.safetensors: its sidecar (<name>.model.json) must not overwrite the
+            # point's record <name>.json (it did, as <name>.safetensors)
             save_normalized({k: v.cpu() for k, v in theta.items()},
-                            grid_dir / f"{point.name}.safetensors",
+                            grid_dir / f"{point.name}.model.safetensors",
                             {"group": group, "method": method.name, "alpha": point.alpha,
                              "beta": point.beta})
+    results = [(point, accuracies[i]) for i, point in enumerate(points)]  # in the order of points
+    point_files = [grid_dir / f"{point.name}.json" for point in points]
     refs = read_references(reference_paths)
     best, score = choose_point(results, expert_val_accuracy(refs), settings.selection_metric,
                                where=f"{group}/{method.name}")

@@ -92,7 +92,8 @@ def boost_factors(method: Method, delta: Mapping, layer_info: Mapping, *,
                   consume: bool = False) -> dict:
     """SVD factors of every matrix ``method`` boosts (empty for unboosted methods), key by key;
     ``consume``: remove each factored key from ``delta`` (a dict) once its factors exist, so
-    that the matrix and its factors are not both held for every key."""
+    that the matrix and its factors are not both held for every key. Each key's factors are a
+    :class:`submerge.boosting.BoostFactors`."""
     from submerge.boosting import boost_targets, svd_factors
 
     if method.boost is None:
@@ -111,7 +112,10 @@ def boost_factors(method: Method, delta: Mapping, layer_info: Mapping, *,
 
 def reconstruct(dense: Mapping, factors: Mapping, layer_info: Mapping, method: Method,
                 beta: float | None) -> dict:
-    """Δ for one β: dense entries as they are, factored ones boosted (α applied later)."""
+    """Δ for one β: dense entries as they are, factored ones boosted (α applied later).
+    ``factors`` as :func:`boost_factors` returns them (:class:`submerge.boosting.BoostFactors`)
+    keep each block's polar factor ``U Vh`` for the next β; plain lists of ``(U, S, Vh)`` (as
+    ``io.hdf5.read_factored`` returns them) give the same result, bitwise, computing it anew."""
     from submerge.boosting import boost_from_factors
 
     betas = method.boost.betas(beta) if method.boost is not None else {"attn": None, "mlp": None}
