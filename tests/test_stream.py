@@ -279,6 +279,39 @@ def test_merge_group_equals_the_in_memory_merge(tmp_path, method):
         assert attrs[name] == value
 
 
+def test_merge_group_leaves_only_its_output(tmp_path):
+    """LiNeS at a fixed slope with the norm-based scale holds the unscaled keys in a temporary
+    store next to the output: gone afterwards; the output's attributes are complete."""
+    tvs = make_tvs(3)
+    (tmp_path / "in").mkdir()
+    paths = write(tmp_path / "in", tvs)
+    out = tmp_path / "out" / "merged.h5"
+    out.parent.mkdir()
+    method = METHODS[1]  # TIES + LiNeS (norm scale, fixed slope)
+    merge_stage.merge_group(["e0", "e1", "e2"], paths, method, out, device="cpu")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.h5", "merged.h5.json"]
+    _, _, _, attrs = hdf5.read_factored(out)
+    assert {"lines_scale", "lines_slope", "experts", "method", "merge"} <= set(attrs)
+
+
+@pytest.mark.parametrize("method", [METHODS[0], METHODS[1]], ids=["ta_sb", "ties_lines"])
+def test_a_failing_streamed_merge_leaves_nothing(tmp_path, method):
+    """A task vector damaged in a key read late (after earlier keys were written): the merge
+    stage fails naming the file and leaves neither an output nor a temporary file."""
+    tvs = make_tvs(3)
+    (tmp_path / "in").mkdir()
+    paths = write(tmp_path / "in", tvs)
+    import h5py
+
+    with h5py.File(paths[2], "r+") as f:  # the last key in sorted order, data changed behind the manifest
+        f["m.fc2"][0, 0] = f["m.fc2"][0, 0] + 1
+    out = tmp_path / "out" / "merged.h5"
+    out.parent.mkdir()
+    with pytest.raises(CheckpointError, match="tv2.h5"):
+        merge_stage.merge_group(["e0", "e1", "e2"], paths, method, out, device="cpu")
+    assert list(out.parent.iterdir()) == []
+
+
 def test_tall_masked_deltas_equal_the_in_memory_masks(tmp_path):
     tvs = make_tvs(3, torch.bfloat16)
     with hdf5.TaskVectorFiles(write(tmp_path, tvs)) as source:

@@ -57,7 +57,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -88,6 +88,7 @@ __all__ = [
     "higher_order_factors",
     "higher_order_boost",
     "hogsvd_merge",
+    "hogsvd_merge_items",
 ]
 
 EPS_ALIGN = 1e-12  # Eq. 7
@@ -723,6 +724,22 @@ def hogsvd_merge(
     ``pi``: regularisation of Eq. 32. ``None`` (default): the cache's π, or
     ``DEFAULT_PI`` (1e-2) without a cache. Given with a cache, it must equal the cache's.
     """
+    return dict(hogsvd_merge_items(task_vectors, layer_info, pi=pi, layers=layers,
+                                   attn_mode=attn_mode, dtype=dtype, cache=cache))
+
+
+def hogsvd_merge_items(
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
+    layer_info: Mapping[str, LayerInfo],
+    *,
+    pi: float | None = None,
+    layers: str = "both",
+    attn_mode: str = "per_qkv",
+    dtype: torch.dtype = torch.float64,
+    cache: HOGSVDCache | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """:func:`hogsvd_merge` one key at a time, in sorted order (the inputs and the cache are
+    checked at the call)."""
     from submerge.boosting import boost_targets
 
     if pi is not None:
@@ -741,17 +758,19 @@ def hogsvd_merge(
         rows = src.meta(key)[0][0]
         if rows % blocks:
             raise CheckpointError(f"key {key!r}: {rows} rows cannot be split into {blocks} equal blocks")
-    index = None
+    index, where = None, ""
     if cache is not None:
         pi, index, where = _cache_bases(cache, src, work, pi)
     elif pi is None:
         pi = DEFAULT_PI
-    blocks_of = dict(work)
-    merged: StateDict = {}
+    return _hogsvd_merge_items(src, dict(work), index, pi, dtype, where)
+
+
+@torch.no_grad()
+def _hogsvd_merge_items(src: TaskVectorSource, blocks_of: Mapping[str, int], index, pi: float,
+                        dtype: torch.dtype, where: str) -> Iterator[tuple[str, Tensor]]:
     for key in src.iter_keys("HO-GSVD merge"):
-        merged[key] = _hogsvd_merge_key(key, src.read(key), blocks_of.get(key), index, pi, dtype,
-                                        where if index is not None else "")
-    return merged
+        yield key, _hogsvd_merge_key(key, src.read(key), blocks_of.get(key), index, pi, dtype, where)
 
 
 def _hogsvd_merge_key(key: str, tensors: Sequence[Tensor], blocks: int | None, index, pi: float,

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -334,20 +335,89 @@ def _reading(path, f: h5py.File, kind: str) -> Iterator[None]:
 
 # --- stores --------------------------------------------------------------------------------
 
+class StoreWriter:
+    """A store written one key at a time, for memory flat in the model's size: a task-vector
+    store (``kind="state_dict"``, :meth:`tensor`) or a factored store (``kind="factored"``,
+    :meth:`dense` and :meth:`factors`). Use as a context manager: the file is written under a
+    temporary name, its attributes (:attr:`attrs`, which may be filled while writing) and
+    manifest are written on a clean exit, and only then is it renamed to ``path``; on an
+    exception nothing is left behind. :func:`write_state_dict` and :func:`write_factored`
+    write whole dicts through it."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, layer_info: Mapping[str, LayerInfo],
+                 attrs: Mapping | None = None, stats: Mapping | None = None):
+        if kind not in ("state_dict", "factored"):
+            raise ValueError(f"unknown store kind {kind!r}")
+        self.path, self.kind, self.layer_info = path, kind, layer_info
+        self.attrs = dict(attrs or {})
+        self.stats = stats
+        self._digests: dict[str, str] = {}
+        self._entries: dict = {} if kind == "state_dict" else {"dense": {}, "factors": {}}
+
+    def __enter__(self) -> "StoreWriter":
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self._file = _open(tmp, "w")
+            if self.kind == "factored":
+                self._dense = self._file.create_group("dense", track_order=True)
+                self._factors = self._file.create_group("factors", track_order=True)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                _write_attrs(self._file, self.attrs)
+                _write_manifest(self._file, self.kind, self._entries, self._digests, self.stats)
+            except BaseException:
+                self._file.close()
+                self._atomic.__exit__(*sys.exc_info())
+                raise
+        self._file.close()
+        return bool(self._atomic.__exit__(exc_type, exc, tb))
+
+    def tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """One parameter of a task-vector store."""
+        if self.kind != "state_dict":
+            raise ValueError(f"{self.path}: tensor() writes a task-vector store; use dense()")
+        _check_key(key, self.layer_info, self.path)
+        ds, self._entries[key] = _write_tensor(self._file, key, tensor, self._digests)
+        _info_attrs(ds, self.layer_info[key])
+
+    def dense(self, key: str, tensor: torch.Tensor) -> None:
+        """One dense parameter of a factored store."""
+        _check_key(key, self.layer_info, self.path)
+        ds, self._entries["dense"][key] = _write_tensor(self._dense, key, tensor, self._digests)
+        _info_attrs(ds, self.layer_info[key])
+
+    def factors(self, key: str, blocks: Factors) -> None:
+        """One parameter of a factored store as its row blocks' ``(U, S, Vh)``."""
+        _check_key(key, self.layer_info, self.path)
+        group = self._factors.create_group(key)
+        _info_attrs(group, self.layer_info[key])
+        group.attrs["n_blocks"] = len(blocks)
+        records = []
+        for i, block in enumerate(blocks):
+            if len(block) != 3:
+                raise ValueError(f"{self.path}: factors of key {key!r}, block {i}: expected (U, S, Vh)")
+            sub = group.create_group(str(i))
+            records.append({name: _write_tensor(sub, name, tensor, self._digests)[1]
+                            for name, tensor in zip(_FACTOR_NAMES, block)})
+        self._entries["factors"][key] = {"n_blocks": len(blocks), "blocks": records}
+
+
 def write_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
                      layer_info: Mapping[str, LayerInfo], attrs: Mapping,
                      stats: Mapping | None = None) -> None:
     """Write a (task-vector) state dict, one dataset per key, and its manifest, atomically.
     ``stats``: JSON-serialisable summaries kept in the manifest under its checksum (a task
     vector's TIES thresholds, :data:`TIES_THRESHOLDS`)."""
-    with atomic_path(path) as tmp, _open(tmp, "w") as f:
-        _write_attrs(f, attrs)
-        entries, digests = {}, {}
+    with StoreWriter(path, "state_dict", layer_info, attrs, stats) as writer:
         for key, tensor in sd.items():
-            _check_key(key, layer_info, path)
-            ds, entries[key] = _write_tensor(f, key, tensor, digests)
-            _info_attrs(ds, layer_info[key])
-        _write_manifest(f, "state_dict", entries, digests, stats)
+            writer.tensor(key, tensor)
 
 
 def read_state_dict(path: str | os.PathLike, keys: Sequence[str] | None = None
@@ -507,31 +577,12 @@ class TaskVectorFiles(TaskVectorSource):
 def write_factored(path: str | os.PathLike, dense: Mapping[str, torch.Tensor], factors: Mapping[str, Factors],
                    layer_info: Mapping[str, LayerInfo], attrs: Mapping) -> None:
     """Write a merged task vector as dense tensors plus per-key SVD row-block factors, and its
-    manifest, atomically."""
-    with atomic_path(path) as tmp, _open(tmp, "w") as f:
-        _write_attrs(f, attrs)
-        entries: dict = {"dense": {}, "factors": {}}
-        digests: dict[str, str] = {}
-        dense_group = f.create_group("dense", track_order=True)
+    manifest, atomically (the merge stage writes key by key through :class:`StoreWriter`)."""
+    with StoreWriter(path, "factored", layer_info, attrs) as writer:
         for key, tensor in dense.items():
-            _check_key(key, layer_info, path)
-            ds, entries["dense"][key] = _write_tensor(dense_group, key, tensor, digests)
-            _info_attrs(ds, layer_info[key])
-        factor_group = f.create_group("factors", track_order=True)
+            writer.dense(key, tensor)
         for key, blocks in factors.items():
-            _check_key(key, layer_info, path)
-            group = factor_group.create_group(key)
-            _info_attrs(group, layer_info[key])
-            group.attrs["n_blocks"] = len(blocks)
-            records = []
-            for i, block in enumerate(blocks):
-                if len(block) != 3:
-                    raise ValueError(f"{path}: factors of key {key!r}, block {i}: expected (U, S, Vh)")
-                sub = group.create_group(str(i))
-                records.append({name: _write_tensor(sub, name, tensor, digests)[1]
-                                for name, tensor in zip(_FACTOR_NAMES, block)})
-            entries["factors"][key] = {"n_blocks": len(blocks), "blocks": records}
-        _write_manifest(f, "factored", entries, digests)
+            writer.factors(key, blocks)
 
 
 def read_factored(path: str | os.PathLike

@@ -13,7 +13,10 @@ step, not a merge function.
 from __future__ import annotations
 
 import inspect
-from typing import Mapping, Sequence
+import sys
+from typing import Callable, Iterator, Mapping, Sequence
+
+from torch import Tensor
 
 from submerge import merges
 from submerge.errors import ConfigError
@@ -28,6 +31,7 @@ from submerge.merging.tsv import tsv_m
 
 __all__ = [
     "merge",
+    "merge_items",
     "StateDict",
     "validate_state_dicts",
     "task_vectors",
@@ -44,6 +48,17 @@ __all__ = [
 ]
 
 
+def _function(name: str, kwargs: Mapping) -> Callable:
+    """The merge function registered as ``name``, its keywords checked against ``kwargs``."""
+    fn = merges.get(name).function()
+    params = list(inspect.signature(fn).parameters.values())[2:]  # after task_vectors, layer_info
+    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"merge function {name!r} has no keyword(s) {unknown}; allowed: {allowed}")
+    return fn
+
+
 def merge(
     name: str,
     task_vectors: Sequence[StateDict],
@@ -53,10 +68,21 @@ def merge(
     """Merge with the merge function registered as ``name`` (:data:`submerge.merges.MERGES`);
     ``kwargs`` are the function's keyword arguments. ``ConfigError`` names an unknown function
     or keyword (bad values raise ``ConfigError`` from the function)."""
-    fn = merges.get(name).function()
-    params = list(inspect.signature(fn).parameters.values())[2:]  # after task_vectors, layer_info
-    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ConfigError(f"merge function {name!r} has no keyword(s) {unknown}; allowed: {allowed}")
-    return fn(task_vectors, layer_info, **kwargs)
+    return _function(name, kwargs)(task_vectors, layer_info, **kwargs)
+
+
+def merge_items(
+    name: str,
+    task_vectors: Sequence[StateDict],
+    layer_info: Mapping[str, LayerInfo],
+    **kwargs,
+) -> Iterator[tuple[str, Tensor]]:
+    """:func:`merge` one key at a time (``(key, Δ_merge[key])`` in sorted key order), so that a
+    caller writing each key as it comes holds one parameter of the result, not all of it
+    (the merge stage). Uses the function's ``<function>_items`` companion in its module (every
+    rule here has one); a function without one is called whole and its result handed out."""
+    fn = _function(name, kwargs)
+    items = getattr(sys.modules[fn.__module__], fn.__name__ + "_items", None)
+    if items is None:
+        return iter(fn(task_vectors, layer_info, **kwargs).items())
+    return items(task_vectors, layer_info, **kwargs)

@@ -20,7 +20,7 @@ may choose ``lambda_t`` per task on validation and pass a list.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,10 +30,10 @@ from submerge.layers import LayerInfo
 from submerge.merging.source import TaskVectorSource, as_source
 from submerge.merging.task_arithmetic import sum_tensors
 from submerge.merging.task_vectors import StateDict
-from submerge.merging.ties import ties
+from submerge.merging.ties import ties_items
 from submerge.spectral import compute_dtype
 
-__all__ = ["tall_masks", "tall_masks_key", "consensus", "consensus_key", "BASES"]
+__all__ = ["tall_masks", "tall_masks_key", "consensus", "consensus_items", "consensus_key", "BASES"]
 
 BASES = ("ta", "ties")
 
@@ -115,15 +115,35 @@ def consensus(
     """Consensus Merging (Wang et al. 2024, arXiv:2405.07813): ``base_merge * [sum_t mask_t >= k]``
     with TALL masks at ``lambdas``, computed key by key (the masks are never all held).
     ``layer_info`` is unused."""
+    return dict(consensus_items(task_vectors, layer_info, lambdas=lambdas, k=k, base=base))
+
+
+def consensus_items(
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
+    layer_info: Mapping[str, LayerInfo],
+    *,
+    lambdas: float | Sequence[float] = 0.4,
+    k: int = 2,
+    base: str = "ta",
+) -> Iterator[tuple[str, Tensor]]:
+    """:func:`consensus` one key at a time, in sorted order (the arguments are checked at the
+    call)."""
     if base not in BASES:
         raise ConfigError(f"consensus: base must be one of {BASES}, got {base!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ConfigError(f"consensus: k must be a non-negative integer, got {k!r}")
     src = as_source(task_vectors)
-    lambdas = _lambdas(lambdas, len(src))
-    ties_merged = ties(src, layer_info, k=20, merge="dis-sum") if base == "ties" else None
-    out: StateDict = {}
+    return _consensus_items(src, layer_info, _lambdas(lambdas, len(src)), k, base)
+
+
+@torch.no_grad()
+def _consensus_items(src: TaskVectorSource, layer_info: Mapping[str, LayerInfo],
+                     lambdas: list[float], k: int, base: str) -> Iterator[tuple[str, Tensor]]:
+    # TIES' merge of each key comes with it (its elect pass runs before the first key)
+    ties_merged = ties_items(src, layer_info, k=20, merge="dis-sum") if base == "ties" else None
     for key in src.iter_keys("Consensus"):
-        mtl = None if ties_merged is None else ties_merged.pop(key)
-        out[key] = consensus_key(src.read(key), lambdas, k, mtl)
-    return out
+        mtl = None
+        if ties_merged is not None:
+            ties_key, mtl = next(ties_merged)
+            assert ties_key == key, (ties_key, key)
+        yield key, consensus_key(src.read(key), lambdas, k, mtl)

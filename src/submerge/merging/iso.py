@@ -17,7 +17,7 @@ all other keys become the mean over tasks.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from submerge.merging.task_vectors import StateDict
 from submerge.merging.tsv import polar_factor
 from submerge.spectral import svd
 
-__all__ = ["iso_c", "iso_c_key", "iso_cts", "iso_cts_key", "iso_cts_sizes"]
+__all__ = ["iso_c", "iso_c_items", "iso_c_key", "iso_cts", "iso_cts_items", "iso_cts_key", "iso_cts_sizes"]
 
 
 @torch.no_grad()
@@ -49,8 +49,16 @@ def iso_c(task_vectors: Sequence[StateDict] | TaskVectorSource,
           layer_info: Mapping[str, LayerInfo]) -> StateDict:
     """Iso-C (Marczak et al. 2025, arXiv:2502.04959): ``mean(S) U Vh`` of ``sum_t Delta_t``,
     key by key. ``layer_info`` is unused."""
+    return dict(iso_c_items(task_vectors, layer_info))
+
+
+@torch.no_grad()
+def iso_c_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
+                layer_info: Mapping[str, LayerInfo]) -> Iterator[tuple[str, Tensor]]:
+    """:func:`iso_c` one key at a time, in sorted order."""
     src = as_source(task_vectors)
-    return {key: iso_c_key(src.read(key)) for key in src.iter_keys("Iso-C")}
+    for key in src.iter_keys("Iso-C"):
+        yield key, iso_c_key(src.read(key))
 
 
 def iso_cts_sizes(min_dim: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -105,6 +113,18 @@ def iso_cts(
 ) -> StateDict:
     """Iso-CTS (Marczak et al. 2025, arXiv:2502.04959; see the module docstring), key by key.
     ``layer_info`` is unused."""
+    return dict(iso_cts_items(task_vectors, layer_info, common_space_fraction=common_space_fraction))
+
+
+def iso_cts_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
+                  layer_info: Mapping[str, LayerInfo], *,
+                  common_space_fraction: float = 0.8) -> Iterator[tuple[str, Tensor]]:
+    """:func:`iso_cts` one key at a time, in sorted order (the fraction is checked at the call)."""
     _check_fraction(common_space_fraction)
-    src = as_source(task_vectors)
-    return {key: iso_cts_key(src.read(key), common_space_fraction) for key in src.iter_keys("Iso-CTS")}
+    return _iso_cts_items(as_source(task_vectors), common_space_fraction)
+
+
+@torch.no_grad()
+def _iso_cts_items(src: TaskVectorSource, common_space_fraction: float) -> Iterator[tuple[str, Tensor]]:
+    for key in src.iter_keys("Iso-CTS"):
+        yield key, iso_cts_key(src.read(key), common_space_fraction)

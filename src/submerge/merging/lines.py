@@ -24,7 +24,7 @@ from submerge.merging.task_arithmetic import sum_tensors
 from submerge.merging.task_vectors import StateDict, check_layer_info
 from submerge.spectral import compute_dtype
 
-__all__ = ["lines_scale", "lines_alpha", "lines_coefficient"]
+__all__ = ["lines_scale", "lines_alpha", "lines_coefficient", "l1_norm"]
 
 
 def lines_coefficient(block: int | None, *, alpha: float, beta: float, num_blocks: int) -> float:
@@ -60,20 +60,28 @@ def lines_scale(
     return out
 
 
+def l1_norm(tensor: Tensor) -> float:
+    """``||tensor||_1``, accumulated in float64."""
+    return float(tensor.abs().sum(dtype=torch.float64))
+
+
 @torch.no_grad()
 def lines_alpha(task_vectors: Sequence[Mapping[str, Tensor]] | TaskVectorSource,
-                merged: Mapping[str, Tensor]) -> float:
+                merged: Mapping[str, Tensor] | None = None, *, merged_l1: float | None = None) -> float:
     """``(||sum_t tau_t||_1 / ||tau_merged||_1) / T`` over all keys (exactly ``1/T`` for TA).
-    ``task_vectors``: state dicts or a source (one pass over the keys, one parameter at a time)."""
+    ``task_vectors``: state dicts or a source (one pass over the keys, one parameter at a time).
+    ``merged``: the merged task vector; or ``merged_l1``, its L1 norm summed key by key in sorted
+    key order (:func:`l1_norm`; what a caller that streams the merge accumulates), the same value."""
     src = as_source(task_vectors)
     keys = src.keys
-    if set(merged) != set(keys):
+    if (merged is None) == (merged_l1 is None):
+        raise ValueError("lines_alpha: give the merged task vector or its L1 norm (merged_l1), not both")
+    if merged is not None and set(merged) != set(keys):
         raise ValueError(
             f"merged task vector keys differ from the task vectors' keys: {sorted(set(merged) ^ set(keys))[:5]}"
         )
-    summed = sum(float(sum_tensors(src.read(key)).abs().sum(dtype=torch.float64))
-                 for key in src.iter_keys("LiNeS norm"))
-    norm_merged = sum(float(merged[key].abs().sum(dtype=torch.float64)) for key in keys)
+    summed = sum(l1_norm(sum_tensors(src.read(key))) for key in src.iter_keys("LiNeS norm"))
+    norm_merged = sum(l1_norm(merged[key]) for key in keys) if merged is not None else merged_l1
     if norm_merged == 0.0:
         raise ValueError("lines_alpha: the merged task vector is zero (L1 norm 0)")
     return summed / norm_merged / len(src)

@@ -4,7 +4,7 @@ arXiv:2212.04089): ``Delta_merge = sum_t Delta_t``; the merged model is
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from submerge.merging.source import TaskVectorSource, as_source
 from submerge.merging.task_vectors import StateDict
 from submerge.spectral import compute_dtype
 
-__all__ = ["task_arithmetic", "task_arithmetic_key", "sum_key", "sum_tensors"]
+__all__ = ["task_arithmetic", "task_arithmetic_items", "task_arithmetic_key", "sum_key", "sum_tensors"]
 
 
 def sum_tensors(tensors: Sequence[Tensor]) -> Tensor:
@@ -45,5 +45,13 @@ def task_arithmetic(task_vectors: Sequence[StateDict] | TaskVectorSource,
     ``task_vectors``: state dicts or a :class:`~submerge.merging.source.TaskVectorSource` (read
     one parameter at a time). ``layer_info`` is unused (uniform merge-rule signature).
     """
+    return dict(task_arithmetic_items(task_vectors, layer_info))
+
+
+@torch.no_grad()
+def task_arithmetic_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
+                          layer_info: Mapping[str, LayerInfo]) -> Iterator[tuple[str, Tensor]]:
+    """:func:`task_arithmetic` one key at a time, in sorted order."""
     src = as_source(task_vectors)
-    return {key: task_arithmetic_key(src.read(key)) for key in src.iter_keys("TA")}
+    for key in src.iter_keys("TA"):
+        yield key, task_arithmetic_key(src.read(key))

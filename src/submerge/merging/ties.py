@@ -23,7 +23,7 @@ between the two passes; the tasks' flattened vectors are never stacked.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from submerge.merging.source import TaskVectorSource, as_source
 from submerge.merging.task_vectors import StateDict
 from submerge.spectral import compute_dtype
 
-__all__ = ["ties", "trim_thresholds", "threshold_table", "threshold_from_table", "kth_rank",
+__all__ = ["ties", "ties_items", "trim_thresholds", "threshold_table", "threshold_from_table", "kth_rank",
            "ties_elect_key", "ties_disjoint_key", "MERGE_FUNCS", "TABLE_PERCENTS"]
 
 MERGE_FUNCS = ("dis-mean", "dis-sum", "sum")
@@ -201,10 +201,26 @@ def ties(
     ``task_vectors``: state dicts or a source (two passes over the keys; the thresholds are the
     source's recorded ones where it has them).
     """
+    return dict(ties_items(task_vectors, layer_info, k=k, merge=merge))
+
+
+def ties_items(
+    task_vectors: Sequence[StateDict] | TaskVectorSource,
+    layer_info: Mapping[str, LayerInfo],
+    *,
+    k: float = 20,
+    merge: str = "dis-mean",
+) -> Iterator[tuple[str, Tensor]]:
+    """:func:`ties` one key at a time, in sorted order (the elect pass over every key runs
+    first; the arguments are checked at the call)."""
     if merge not in MERGE_FUNCS:
         raise ConfigError(f"ties: merge must be one of {MERGE_FUNCS}, got {merge!r}")
     check_k(k)
-    src = as_source(task_vectors)
+    return _ties_items(as_source(task_vectors), k, merge)
+
+
+@torch.no_grad()
+def _ties_items(src: TaskVectorSource, k: float, merge: str) -> Iterator[tuple[str, Tensor]]:
     thresholds = src.ties_thresholds(k)
     if thresholds is None:
         thresholds = trim_thresholds(src, k)
@@ -218,7 +234,5 @@ def ties(
         elected[key] = sign
     majority = (sign_total > 0) - (sign_total < 0)
 
-    merged: StateDict = {}
     for key in src.iter_keys("TIES merge"):
-        merged[key] = ties_disjoint_key(src.read(key), thresholds, elected.pop(key), majority, merge)
-    return merged
+        yield key, ties_disjoint_key(src.read(key), thresholds, elected.pop(key), majority, merge)

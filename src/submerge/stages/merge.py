@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
+
+from torch import Tensor
 
 from submerge import merges
 from submerge.io.jsonio import read_json, write_json
@@ -46,28 +48,93 @@ def extra_merge_inputs(method: Method, experts: Sequence[str],
 def merged_task_vector(method: Method, tvs, layer_info: Mapping,
                        extra: Mapping | None = None) -> tuple[dict, dict]:
     """Δ_merge of ``method`` (its merge function, then LiNeS if configured) and attributes to
-    record. ``tvs``: the task vectors, in memory or a source read one parameter at a time
+    record, in memory (:func:`merged_items`, collected)."""
+    items, attrs = merged_items(method, tvs, layer_info, extra)
+    return dict(items), attrs
+
+
+def merged_items(method: Method, tvs, layer_info: Mapping, extra: Mapping | None = None, *,
+                 spill_dir: PathLike | None = None) -> tuple[Iterator[tuple[str, Tensor]], dict]:
+    """Δ_merge of ``method`` (its merge function, then LiNeS if configured) one key at a time
+    in sorted order, and the attributes to record, complete once the items are consumed (LiNeS'
+    norm-based scale needs the L1 norm of the whole merged task vector). ``tvs``: the task
+    vectors, in memory or a source read one parameter at a time
     (:class:`submerge.merging.source.TaskVectorSource`). ``extra``: the merge function's extra
-    inputs (:func:`extra_merge_inputs`)."""
-    from submerge.merging import merge
-    from submerge.merging.lines import lines_alpha, lines_scale
+    inputs (:func:`extra_merge_inputs`). LiNeS at a fixed slope with the norm-based scale
+    scales every key by a value known only after the last one: the unscaled keys wait in a
+    temporary store under ``spill_dir`` (or in memory without one)."""
+    from submerge.merging import merge_items
 
     kwargs = {**method.merge_kwargs(), **(extra or {})}
     log.info("merging %d experts with %s %s", len(tvs), method.merge, dict(method.hyper))
-    delta = merge(method.merge, tvs, layer_info, **kwargs)
+    items = merge_items(method.merge, tvs, layer_info, **kwargs)
     attrs: dict = {"merge": method.merge}
-    if method.lines is not None:
-        scale = method.lines.scale
-        scale = lines_alpha(tvs, delta) if scale == LINES_NORM else float(scale)
-        if method.lines.tunes_slope:  # reference protocol: LiNeS per grid point (point_delta)
-            attrs.update(lines_scale=scale, lines_protocol=method.lines.protocol)
-            log.info("LiNeS (reference protocol): scale=%.4g, β tuned per grid point", scale)
-            return delta, attrs
-        slope = float(method.lines.slope)
-        delta = lines_scale(delta, layer_info, alpha=scale, beta=slope)
-        attrs.update(lines_scale=scale, lines_slope=slope)
-        log.info("LiNeS: scale=%.4g slope=%.4g", scale, slope)
-    return delta, attrs
+    lines = method.lines
+    if lines is None:
+        return items, attrs
+    if lines.tunes_slope:  # reference protocol: LiNeS per grid point (point_delta)
+        return _lines_reference(items, tvs, method, attrs), attrs
+    if lines.scale != LINES_NORM:
+        return _lines_fixed(items, layer_info, float(lines.scale), float(lines.slope), attrs), attrs
+    return _lines_norm(items, tvs, layer_info, float(lines.slope), attrs, spill_dir), attrs
+
+
+def _lines_reference(items: Iterator, tvs, method: Method, attrs: dict) -> Iterator:
+    """The merged keys unchanged; LiNeS' scale recorded for the grid points."""
+    from submerge.merging.lines import l1_norm, lines_alpha
+
+    norm = method.lines.scale == LINES_NORM
+    total = 0.0
+    for key, value in items:
+        if norm:
+            total += l1_norm(value)
+        yield key, value
+    scale = lines_alpha(tvs, merged_l1=total) if norm else float(method.lines.scale)
+    attrs.update(lines_scale=scale, lines_protocol=method.lines.protocol)
+    log.info("LiNeS (reference protocol): scale=%.4g, β tuned per grid point", scale)
+
+
+def _lines_fixed(items: Iterator, layer_info: Mapping, scale: float, slope: float,
+                 attrs: dict) -> Iterator:
+    """The merged keys scaled by LiNeS at ``scale`` and ``slope``."""
+    from submerge.layers import num_blocks
+    from submerge.merging.lines import lines_scale
+
+    attrs.update(lines_scale=scale, lines_slope=slope)
+    log.info("LiNeS: scale=%.4g slope=%.4g", scale, slope)
+    blocks = num_blocks(layer_info)
+    for key, value in items:
+        yield key, lines_scale({key: value}, layer_info, alpha=scale, beta=slope, num_blocks=blocks)[key]
+
+
+def _lines_norm(items: Iterator, tvs, layer_info: Mapping, slope: float, attrs: dict,
+                spill_dir: PathLike | None) -> Iterator:
+    """LiNeS at ``slope`` with the norm-based scale: every merged key first (in a temporary
+    task-vector store under ``spill_dir``, or in memory), then the scaled keys."""
+    import tempfile
+
+    from submerge.io import hdf5
+    from submerge.merging.lines import l1_norm, lines_alpha
+
+    total = 0.0
+    if spill_dir is None:
+        held = {}
+        for key, value in items:
+            total += l1_norm(value)
+            held[key] = value
+        yield from _lines_fixed(iter(held.items()), layer_info, lines_alpha(tvs, merged_l1=total),
+                                slope, attrs)
+        return
+    with tempfile.TemporaryDirectory(dir=spill_dir, prefix=".lines-") as tmp:
+        path = f"{tmp}/unscaled.h5"
+        with hdf5.StoreWriter(path, "state_dict", layer_info) as writer:
+            for key, value in items:
+                total += l1_norm(value)
+                writer.tensor(key, value)
+        with hdf5.TaskVectorFiles([path], getattr(tvs, "device", "cpu")) as stored:
+            unscaled = ((key, stored.read_one(0, key)) for key in stored.keys)
+            yield from _lines_fixed(unscaled, layer_info, lines_alpha(tvs, merged_l1=total),
+                                    slope, attrs)
 
 
 def point_delta(delta: Mapping, layer_info: Mapping, method: Method, alpha: float,
@@ -88,12 +155,9 @@ def point_delta(delta: Mapping, layer_info: Mapping, method: Method, alpha: floa
     return lines_scale(delta, layer_info, alpha=float(lines_scale_value), beta=float(alpha)), 1.0
 
 
-def boost_factors(method: Method, delta: Mapping, layer_info: Mapping, *,
-                  consume: bool = False) -> dict:
-    """SVD factors of every matrix ``method`` boosts (empty for unboosted methods), key by key;
-    ``consume``: remove each factored key from ``delta`` (a dict) once its factors exist, so
-    that the matrix and its factors are not both held for every key. Each key's factors are a
-    :class:`submerge.boosting.BoostFactors`."""
+def boost_factors(method: Method, delta: Mapping, layer_info: Mapping) -> dict:
+    """SVD factors of every matrix of ``delta`` that ``method`` boosts (empty for unboosted
+    methods), key by key. Each key's factors are a :class:`submerge.boosting.BoostFactors`."""
     from submerge.boosting import boost_targets, svd_factors
 
     if method.boost is None:
@@ -105,8 +169,6 @@ def boost_factors(method: Method, delta: Mapping, layer_info: Mapping, *,
             continue
         out.update(svd_factors({key: delta[key]}, layer_info, layers=method.boost.layers,
                                attn_mode=method.boost.attn_mode))
-        if consume and key in out:
-            del delta[key]
     return out
 
 
@@ -130,21 +192,26 @@ def merge_group(experts: Sequence[str], tv_paths: Sequence[PathLike], method: Me
                 out: PathLike, *, extra_paths: Mapping[str, PathLike] | None = None,
                 device: str = "auto") -> None:
     """Δ_merge of one (group, method), LiNeS applied, and for boosted methods the SVD factors
-    of every boosted matrix."""
+    of every boosted matrix, written key by key as the merge produces them (the merged task
+    vector is never held whole)."""
+    from pathlib import Path
+
     from submerge.io import hdf5
 
     dev = resolve_device(device)
     extra = extra_merge_inputs(method, experts, extra_paths or {})
     with open_task_vectors(tv_paths, dev) as source:
         layer_info = source.layer_info
-        delta, attrs = merged_task_vector(method, source, layer_info, extra)
-    factors = boost_factors(method, delta, layer_info, consume=True)
-    # to the host for writing (no-ops on the CPU)
-    dense = {k: v.cpu() for k, v in delta.items() if k not in factors}
-    factors = {k: [tuple(t.cpu() for t in f) for f in fs] for k, fs in factors.items()}
-    attrs.update(experts=json.dumps(list(experts)),
-                 method=json.dumps(method.to_params(), sort_keys=True))
-    hdf5.write_factored(out, dense, factors, layer_info, attrs)
+        with hdf5.StoreWriter(out, "factored", layer_info) as writer:
+            items, attrs = merged_items(method, source, layer_info, extra, spill_dir=Path(out).parent)
+            for key, delta in items:
+                factors = boost_factors(method, {key: delta}, layer_info).get(key)
+                if factors is None:
+                    writer.dense(key, delta)
+                else:
+                    writer.factors(key, factors)
+            writer.attrs.update(attrs, experts=json.dumps(list(experts)),
+                                method=json.dumps(method.to_params(), sort_keys=True))
     record_provenance([out], [*tv_paths, *(extra_paths or {}).values()])
 
 
