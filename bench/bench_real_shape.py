@@ -325,8 +325,8 @@ def stage_method(name: str):
     params = {"ta": {"merge": "task_arithmetic"}, "ties": {"merge": "ties"},
               "consensus": {"merge": "consensus"},
               "ta_sb": {"merge": "task_arithmetic", "boost": {}},
-              "ta_lines": {"merge": "task_arithmetic", "lines": {"scale": "norm", "slope": 0.5}},
-              "ties_lines": {"merge": "ties", "lines": {"scale": "norm", "slope": 0.5}},
+              "ta_lines": {"merge": "task_arithmetic", "lines": {"scale": "norm", "slope": 0.5, "protocol": "fixed_slope"}},
+              "ties_lines": {"merge": "ties", "lines": {"scale": "norm", "slope": 0.5, "protocol": "fixed_slope"}},
               "hosb": {"merge": "hogsvd", "boost": {}},
               "tsv_m": {"merge": "tsv_m"}, "iso_c": {"merge": "iso_c"}, "iso_cts": {"merge": "iso_cts"}}
     if name not in params:

@@ -215,6 +215,24 @@ def test_rules_hold_a_few_experts_tensors_at_a_time(tmp_path, name, kwargs):
     assert_same(got, merge(name, tvs, INFO, **kwargs))
 
 
+def test_hogsvd_merge_with_lazily_read_bases(tmp_path):
+    """The merge stage reads the cache's bases key by key (``with_basis="lazy"``): the same
+    merge, bitwise; a basis damaged after the cache was opened is refused naming the file."""
+    import h5py
+
+    from submerge.io.hogsvd_cache import read_hogsvd_cache
+
+    tvs = make_tvs(3)
+    path = hogsvd_cache(tmp_path, tvs)
+    want = merge("hogsvd", tvs, INFO, cache=read_hogsvd_cache(path, with_basis=True))
+    lazy = read_hogsvd_cache(path, with_basis="lazy")
+    assert_same(merge("hogsvd", tvs, INFO, cache=lazy), want)
+    with h5py.File(path, "r+") as f:
+        f["m.fc2/0/V"][0, 0] = f["m.fc2/0/V"][0, 0] + 1
+    with pytest.raises(CheckpointError, match=r"hogsvd\.h5.*m\.fc2/0.*sha256"):
+        merge("hogsvd", tvs, INFO, cache=lazy)
+
+
 def test_hogsvd_without_a_cache_reads_each_expert_once_per_key():
     """The HO-GSVD needs every expert's matrix at once: read once per key (not per row block)."""
     tvs = make_tvs(3)

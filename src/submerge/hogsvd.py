@@ -710,7 +710,8 @@ def hogsvd_merge(
     Algorithm 2 (``higher_order_boost`` with ``beta``).
 
     ``cache``: the group's HO-GSVD cache as returned by
-    ``submerge.io.hogsvd_cache.read_hogsvd_cache(path, with_basis=True)`` (no file is read here) (experts,
+    ``submerge.io.hogsvd_cache.read_hogsvd_cache(path, with_basis=True)`` (no file is read here;
+    with ``with_basis="lazy"`` each key's bases are read when the key is merged) (experts,
     entries and the file attribute ``pi``). Each target's shared basis ``V`` (and
     orientation) is then taken from the cache and no eigenproblem is solved; ``U_i``,
     ``sigma_i`` are recomputed from ``V`` as :func:`hogsvd` does, so the result is bitwise
@@ -823,8 +824,9 @@ def _factors_from_cache(key: str, tensors: Sequence[Tensor], entries: Sequence, 
             try:
                 _check_matrix(i, chunk, device)
                 a = (chunk.T if entry.transposed else chunk).to(dtype)
-                if factors[b] is None:
-                    factors[b] = _BasisFactors(_checked_basis(entry.V, a, entry.transposed))
+                if factors[b] is None:  # a cached basis read lazily is loaded now, one key at a time
+                    basis = entry.V if isinstance(entry.V, Tensor) else entry.V.load()
+                    factors[b] = _BasisFactors(_checked_basis(basis, a, entry.transposed))
                 factors[b].add(a)
             except ValueError as err:
                 raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err

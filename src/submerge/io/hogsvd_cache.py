@@ -63,6 +63,32 @@ class HOGSVDEntry:
     seconds: float
 
 
+class LazyBasis:
+    """The basis ``V`` of one cache entry, read from the file (and checked against its sha256)
+    by :meth:`load`, so that a merge holds one layer's basis at a time
+    (``read_hogsvd_cache(path, with_basis="lazy")``); ``shape`` and ``numel()`` need no data."""
+
+    def __init__(self, path: str, group: str, shape: tuple[int, ...], digest: str | None):
+        self.path, self.group, self.digest = path, group, digest
+        self.shape = torch.Size(shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def load(self) -> torch.Tensor:
+        where = f"HO-GSVD cache {self.path}"
+        try:
+            with h5py.File(self.path, "r") as f:
+                data = np.asarray(f[self.group]["V"])
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{where}: cannot read V of {self.group!r} ({type(err).__name__}: "
+                                  f"{err}): {_REDO}") from err
+        if data.shape != tuple(self.shape) or (self.digest is not None and _sha256(data) != self.digest):
+            raise CheckpointError(f"{where}: V of {self.group!r} changed since the cache was opened or does "
+                                  f"not match its sha256 (the file is damaged): {_REDO}")
+        return torch.from_numpy(data)
+
+
 class HOGSVDCache(tuple):
     """What :func:`read_hogsvd_cache` returns: unpacks as the pair ``(experts, entries)``;
     also ``.experts``, ``.entries``, ``.attrs`` (the file attributes other than ``experts``,
@@ -117,9 +143,10 @@ def _plain(value: object) -> object:
     return value
 
 
-def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False) -> HOGSVDCache:
+def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool | str = False) -> HOGSVDCache:
     """Experts (row order), entries (sorted by key, row block) and file attributes;
-    ``V`` is loaded only when ``with_basis``.
+    ``V`` is loaded only when ``with_basis``; ``with_basis="lazy"``: each entry's ``V`` is a
+    :class:`LazyBasis`, read when loaded.
 
     The file is checked to be complete: the ``experts`` attribute, and for every
     ``"<key>/<block>"`` group ``sigma`` (N×n, N experts), ``eigvals`` (n), ``V`` (n×n, when
@@ -156,13 +183,14 @@ def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False) -> H
                 if not key or not row_block.isdigit():
                     raise CheckpointError(f"{where}: group {name!r} is not named '<key>/<row block>': {_REDO}")
                 g = f[name]
+                lazy = with_basis == "lazy"
                 wanted = (["V"] if with_basis else []) + ["sigma", "eigvals"]
                 missing = [d for d in wanted if g.get(d, getclass=True) is not h5py.Dataset]
                 missing += [f"attribute {a!r}" for a in ENTRY_ATTRS if a not in g.attrs]
                 if missing:
                     raise CheckpointError(
                         f"{where}: key {key!r}, row block {row_block} lacks {', '.join(missing)}: {_REDO}")
-                arrays = {d: np.asarray(g[d]) for d in wanted}
+                arrays = {d: np.asarray(g[d]) for d in wanted if not (lazy and d == "V")}
                 digests = json.loads(_plain(g.attrs["sha256"])) if "sha256" in g.attrs else {}
                 for d, data in arrays.items():
                     if d in digests and _sha256(data) != digests[d]:
@@ -171,7 +199,10 @@ def read_hogsvd_cache(path: str | os.PathLike, *, with_basis: bool = False) -> H
                             f"match their sha256 (the file is damaged): {_REDO}")
                 sigma = torch.from_numpy(arrays["sigma"])
                 eigvals = torch.from_numpy(arrays["eigvals"])
-                v = torch.from_numpy(arrays["V"]) if with_basis else torch.empty(0)
+                if lazy:
+                    v = LazyBasis(str(path), name, tuple(g["V"].shape), digests.get("V"))
+                else:
+                    v = torch.from_numpy(arrays["V"]) if with_basis else torch.empty(0)
                 n = eigvals.shape[0] if eigvals.ndim == 1 else -1
                 if (sigma.shape != (len(experts), n) or (with_basis and v.shape != (n, n))):
                     raise CheckpointError(

@@ -37,7 +37,7 @@ def extra_merge_inputs(method: Method, experts: Sequence[str],
     if merges.HOGSVD_CACHE in method.needs:
         from submerge.io.hogsvd_cache import read_hogsvd_cache
 
-        cache = read_hogsvd_cache(paths[merges.HOGSVD_CACHE], with_basis=True)
+        cache = read_hogsvd_cache(paths[merges.HOGSVD_CACHE], with_basis="lazy")
         if list(cache.experts) != list(experts):
             raise ValueError(f"{cache.path}: HO-GSVD of experts {cache.experts}, not of the group "
                              f"{list(experts)}; delete it and rerun (rule hogsvd)")
