@@ -127,3 +127,16 @@ def test_bad_arguments_are_named():
         top_svd(torch.ones(3, 3), 1, method="lanczos")
     with pytest.raises(ValueError, match="r=5"):
         top_svd_ritz(torch.ones(3, 4), 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tsv_m_ritz_on_cuda_matches_the_float64_reference():
+    """On CUDA the Ritz path runs there (float32, full eigh of the Gram matrix on the device)."""
+    tvs = noise_bulk(300, 260, 5)
+    r = 260 // 5
+    got = top_svd_ritz(tvs[0].cuda(), r)
+    assert got is not None and all(t.is_cuda and t.dtype == torch.float32 for t in got)
+    exact = reference_tsv_m(tvs)
+    gpu = tsv_m_key([x.cuda() for x in tvs])
+    assert gpu.is_cuda
+    assert rel(gpu.cpu(), exact) <= 3 * rel(tsv_m_key(tvs, truncated=False), exact)
