@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from submerge.merging.tsv import tsv_m_key
-from submerge.spectral import svd, top_svd, top_svd_gram, top_svd_ritz
+from submerge.spectral import top_svd, top_svd_gram, top_svd_ritz
 
 
 def orthonormal(rows, k, g):
