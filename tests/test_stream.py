@@ -383,7 +383,7 @@ def test_gram_path_refuses_and_top_svd_falls_back_to_the_full_svd(a, why):
 
     assert top_svd_gram(a, 3) is None, why
     u, s, vh = svd(a)
-    for got, want in zip(top_svd(a, 3, truncated=True), (u[:, :3], s[:3], vh[:3])):
+    for got, want in zip(top_svd(a, 3, truncated=True, method="gram"), (u[:, :3], s[:3], vh[:3])):
         assert torch.equal(got, want)
 
 
@@ -406,14 +406,15 @@ def test_tsv_m_truncated_equals_full_svd_within_tolerance(m, n, seed):
     for dtype, tol in ((torch.float32, 2e-4), (torch.float64, 1e-11)):
         tvs = tsv_inputs(m, n, 4, dtype, seed)
         assert all(top_svd_gram(x, min(m, n) // 4) is not None for x in tvs)  # the Gram path ran
-        fast, full = tsv_m_key(tvs, truncated=True), tsv_m_key(tvs, truncated=False)
+        fast, full = tsv_m_key(tvs, truncated=True, method="gram"), tsv_m_key(tvs, truncated=False)
         assert float((fast - full).norm() / full.norm()) < tol
         if dtype == torch.float32:
             err_fast = float((fast.double() - exact).norm() / exact.norm())
             err_full = float((full.double() - exact).norm() / exact.norm())
             assert err_fast <= err_full * 1.2
-        # the default takes the Gram path at this size (min side >= 256, r <= min side / 4)
-        assert torch.equal(tsv_m_key(tvs), fast)
+        # the default takes the truncated path at this size (min side >= 256, r <= min side / 4)
+        assert torch.equal(tsv_m_key(tvs), tsv_m_key(tvs, truncated=True))
+        assert not torch.equal(tsv_m_key(tvs), full)
 
 
 def test_tsv_m_small_matrices_keep_the_full_svd():
