@@ -450,3 +450,21 @@ def test_a_rule_written_for_lists_runs_on_a_file_source(tmp_path):
             source[0]["nope"]
         with pytest.raises(IndexError):
             source[3]
+
+
+def test_every_registered_rule_streams_its_keys():
+    """Every merge function of the registry has a ``<function>_items`` companion (what the merge
+    stage writes key by key), giving the same keys in sorted order and the same tensors."""
+    import sys
+
+    from submerge import merges
+    from submerge.merging import merge_items
+
+    tvs = make_tvs(3)
+    for spec in merges.MERGES.values():
+        fn = spec.function()
+        assert hasattr(sys.modules[fn.__module__], fn.__name__ + "_items"), spec.name
+        kwargs = {"lambdas": 0.4} if spec.name == "consensus" else {}
+        items = list(merge_items(spec.name, tvs, INFO, **kwargs))
+        assert [k for k, _ in items] == sorted(SHAPES)
+        assert_same(dict(items), merge(spec.name, tvs, INFO, **kwargs))

@@ -21,7 +21,7 @@ same value for every ``T <= 48`` and ``min_dim <= 8192``.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from submerge.merging.task_arithmetic import sum_tensors
 from submerge.merging.task_vectors import StateDict
 from submerge.spectral import svd, top_svd
 
-__all__ = ["tsv_m", "tsv_m_key", "polar_factor"]
+__all__ = ["tsv_m", "tsv_m_items", "tsv_m_key", "polar_factor"]
 
 
 def polar_factor(matrix: Tensor) -> Tensor:
@@ -74,5 +74,13 @@ def tsv_m(task_vectors: Sequence[StateDict] | TaskVectorSource,
           layer_info: Mapping[str, LayerInfo]) -> StateDict:
     """TSV-Merge (Gargiulo et al. 2025, arXiv:2412.00081; see the module docstring), key by
     key. ``layer_info`` is unused."""
+    return dict(tsv_m_items(task_vectors, layer_info))
+
+
+@torch.no_grad()
+def tsv_m_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
+                layer_info: Mapping[str, LayerInfo]) -> Iterator[tuple[str, Tensor]]:
+    """:func:`tsv_m` one key at a time, in sorted order."""
     src = as_source(task_vectors)
-    return {key: tsv_m_key(src.read(key)) for key in src.iter_keys("TSV-M")}
+    for key in src.iter_keys("TSV-M"):
+        yield key, tsv_m_key(src.read(key))
