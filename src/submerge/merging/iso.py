@@ -17,6 +17,7 @@ all other keys become the mean over tasks.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from submerge.errors import ConfigError
 from submerge.layers import LayerInfo
-from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.source import TaskVectorSource, map_keys
 from submerge.merging.task_arithmetic import sum_tensors
 from submerge.merging.task_vectors import StateDict
 from submerge.merging.tsv import polar_factor
@@ -52,13 +53,10 @@ def iso_c(task_vectors: Sequence[StateDict] | TaskVectorSource,
     return dict(iso_c_items(task_vectors, layer_info))
 
 
-@torch.no_grad()
 def iso_c_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
                 layer_info: Mapping[str, LayerInfo]) -> Iterator[tuple[str, Tensor]]:
     """:func:`iso_c` one key at a time, in sorted order."""
-    src = as_source(task_vectors)
-    for key in src.iter_keys("Iso-C"):
-        yield key, iso_c_key(src.read(key))
+    return map_keys(task_vectors, "Iso-C", iso_c_key)
 
 
 def iso_cts_sizes(min_dim: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -121,10 +119,4 @@ def iso_cts_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
                   common_space_fraction: float = 0.8) -> Iterator[tuple[str, Tensor]]:
     """:func:`iso_cts` one key at a time, in sorted order (the fraction is checked at the call)."""
     _check_fraction(common_space_fraction)
-    return _iso_cts_items(as_source(task_vectors), common_space_fraction)
-
-
-@torch.no_grad()
-def _iso_cts_items(src: TaskVectorSource, common_space_fraction: float) -> Iterator[tuple[str, Tensor]]:
-    for key in src.iter_keys("Iso-CTS"):
-        yield key, iso_cts_key(src.read(key), common_space_fraction)
+    return map_keys(task_vectors, "Iso-CTS", partial(iso_cts_key, common_space_fraction=common_space_fraction))

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["TaskVectorSource", "InMemorySource", "KeyTensors", "as_source"]
+__all__ = ["TaskVectorSource", "InMemorySource", "KeyTensors", "as_source", "map_keys"]
 
 
 class TaskVectorSource:
@@ -154,6 +154,16 @@ class InMemorySource(TaskVectorSource):
 
     def __getitem__(self, index: int) -> Mapping[str, Tensor]:
         return self.task_vectors[index]
+
+
+@torch.no_grad()
+def map_keys(task_vectors: Sequence[Mapping[str, Tensor]] | TaskVectorSource, desc: str,
+             fn: Callable[[Sequence[Tensor]], Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """``(key, fn(tensors of key))`` for every key in sorted order: a rule that merges each
+    parameter on its own, one key at a time (``desc``: its progress bar's label)."""
+    src = as_source(task_vectors)
+    for key in src.iter_keys(desc):
+        yield key, fn(src.read(key))
 
 
 def as_source(task_vectors: Sequence[Mapping[str, Tensor]] | TaskVectorSource) -> TaskVectorSource:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from submerge.layers import LayerInfo
-from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.source import TaskVectorSource, map_keys
 from submerge.merging.task_vectors import StateDict
 from submerge.spectral import compute_dtype
 
@@ -48,10 +48,7 @@ def task_arithmetic(task_vectors: Sequence[StateDict] | TaskVectorSource,
     return dict(task_arithmetic_items(task_vectors, layer_info))
 
 
-@torch.no_grad()
 def task_arithmetic_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
                           layer_info: Mapping[str, LayerInfo]) -> Iterator[tuple[str, Tensor]]:
     """:func:`task_arithmetic` one key at a time, in sorted order."""
-    src = as_source(task_vectors)
-    for key in src.iter_keys("TA"):
-        yield key, task_arithmetic_key(src.read(key))
+    return map_keys(task_vectors, "TA", task_arithmetic_key)

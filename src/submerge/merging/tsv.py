@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from submerge.layers import LayerInfo
-from submerge.merging.source import TaskVectorSource, as_source
+from submerge.merging.source import TaskVectorSource, map_keys
 from submerge.merging.task_arithmetic import sum_tensors
 from submerge.merging.task_vectors import StateDict
 from submerge.spectral import svd, top_svd
@@ -77,10 +77,7 @@ def tsv_m(task_vectors: Sequence[StateDict] | TaskVectorSource,
     return dict(tsv_m_items(task_vectors, layer_info))
 
 
-@torch.no_grad()
 def tsv_m_items(task_vectors: Sequence[StateDict] | TaskVectorSource,
                 layer_info: Mapping[str, LayerInfo]) -> Iterator[tuple[str, Tensor]]:
     """:func:`tsv_m` one key at a time, in sorted order."""
-    src = as_source(task_vectors)
-    for key in src.iter_keys("TSV-M"):
-        yield key, tsv_m_key(src.read(key))
+    return map_keys(task_vectors, "TSV-M", tsv_m_key)
