@@ -57,6 +57,7 @@ EOF
 echo "== CUDA tests ($(left) s left)" | tee -a "$LOG"
 timeout $(( $(left) > 120 ? 120 : $(left) )) "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
   "tests/test_hogsvd.py::test_cuda_matches_cpu" "tests/test_evaldata.py::test_prepared_inputs_equal_the_dataset_path_on_cuda" \
+  "tests/test_tsv_truncated.py::test_tsv_m_ritz_on_cuda_matches_the_float64_reference" \
   2>&1 | tee -a "$LOG"
 TESTS_RC=${PIPESTATUS[0]}
 
