@@ -87,3 +87,35 @@ def test_bad_input():
         stable_rank(torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="2-D"):
         singular_values(torch.ones(2, 2, 2))
+
+
+def test_svd_retries_a_failed_float32_svd_in_float64_on_the_cpu(monkeypatch):
+    """LAPACK's float32 gesdd can fail to converge (Iso-CTS' stacked bases with two identical
+    experts): the SVD is then computed in float64 and returned in float32; a float64 failure
+    is raised."""
+    import submerge.spectral as spectral
+
+    real = torch.linalg.svd
+    calls = []
+
+    def flaky(a, full_matrices=True, **kw):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices, **kw)
+
+    a = torch.randn(30, 20, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = spectral.svd(a)
+    assert calls == [torch.float32, torch.float64]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    want = real(a.double(), full_matrices=False)
+    for got, w in zip((u, s, vh), want):
+        assert torch.equal(got, w.float())
+
+    def failing(a, full_matrices=True, **kw):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    with pytest.raises(torch.linalg.LinAlgError):
+        spectral.svd(a.double())

@@ -40,7 +40,10 @@ def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``(U, S, Vh)`` of a 2-D tensor in float32 (float64 for float64 input).
 
     On CUDA a failed default-driver SVD (ill-conditioned input) is retried with the
-    ``gesvd`` driver, the robustness trick of the authors' mergekit port.
+    ``gesvd`` driver, the robustness trick of the authors' mergekit port. On the CPU a failed
+    float32 SVD (LAPACK ``gesdd`` not converging, e.g. on Iso-CTS' stacked bases when two experts
+    are identical) is retried in float64 and returned in float32; inputs it does not fail on
+    are untouched.
     """
     if matrix.ndim != 2:
         raise ValueError(f"svd expects a 2-D matrix, got shape {tuple(matrix.shape)}")
@@ -48,9 +51,12 @@ def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     try:
         return torch.linalg.svd(work, full_matrices=False)
     except torch.linalg.LinAlgError:
-        if work.device.type != "cuda":
+        if work.device.type == "cuda":
+            return torch.linalg.svd(work, full_matrices=False, driver="gesvd")
+        if work.dtype == torch.float64:
             raise
-        return torch.linalg.svd(work, full_matrices=False, driver="gesvd")
+        u, s, vh = torch.linalg.svd(work.to(torch.float64), full_matrices=False)
+        return u.to(work.dtype), s.to(work.dtype), vh.to(work.dtype)
 
 
 # Truncated decomposition (top_svd): matrices whose smaller side is below this use the full SVD
