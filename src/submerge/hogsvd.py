@@ -311,17 +311,19 @@ class _BasisFactors:
     ``U_i = B_i / sigma_i`` with columns of zero ``sigma_ik`` (to working precision) set to
     zero. The one place these are computed (:func:`hogsvd` and a cached basis alike).
 
-    :meth:`add` keeps only ``sum_i U_i`` (in the order added) and the ``sigma_i``, so that
-    Algorithm 2's factors need one matrix at a time (the merge streams the experts)."""
+    :meth:`add` keeps only ``sum_i U_i`` (in the order added) and ``sigma`` (``n_matrices x n``,
+    filled row by row: one allocation, not one per matrix between the large temporaries), so
+    that Algorithm 2's factors need one matrix at a time (the merge streams the experts)."""
 
-    def __init__(self, v: Tensor):
+    def __init__(self, v: Tensor, n_matrices: int = 0):
         self.v = v
         self.lu, self.pivots, info = torch.linalg.lu_factor_ex(v)
         if int(info) != 0:
             raise ValueError("the shared basis V is singular")
         self.tol = v.shape[0] * torch.finfo(v.dtype).eps
         self.u_sum: Tensor | None = None
-        self.sigmas: list[Tensor] = []
+        self.sigma = v.new_empty(n_matrices, v.shape[0])
+        self.added = 0
 
     def factor(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """``(U_i, sigma_i)`` of one oriented matrix."""
@@ -333,7 +335,8 @@ class _BasisFactors:
     def add(self, a: Tensor) -> None:
         u, s = self.factor(a)
         self.u_sum = u if self.u_sum is None else self.u_sum + u
-        self.sigmas.append(s)
+        self.sigma[self.added] = s
+        self.added += 1
 
 
 def _factors_from_basis(mats: list[Tensor], v: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -572,10 +575,10 @@ def higher_order_factors(
             u_sum = u_sum + u
         return _procrustes(u_sum, res.sigma, res.V, res.transposed)
     mats, transposed = _oriented(matrices, transpose, dtype)
-    factors = _BasisFactors(_checked_basis(basis, mats[0], transposed))
+    factors = _BasisFactors(_checked_basis(basis, mats[0], transposed), len(mats))
     for a in mats:
         factors.add(a)
-    return _procrustes(factors.u_sum, torch.stack(factors.sigmas), factors.v, transposed)
+    return _procrustes(factors.u_sum, factors.sigma, factors.v, transposed)
 
 
 def _checked_basis(basis: Tensor, first: Tensor, transposed: bool) -> Tensor:
@@ -826,9 +829,8 @@ def _factors_from_cache(key: str, tensors: Sequence[Tensor], entries: Sequence, 
                 a = (chunk.T if entry.transposed else chunk).to(dtype)
                 if factors[b] is None:  # a cached basis read lazily is loaded now, one key at a time
                     basis = entry.V if isinstance(entry.V, Tensor) else entry.V.load()
-                    factors[b] = _BasisFactors(_checked_basis(basis, a, entry.transposed))
+                    factors[b] = _BasisFactors(_checked_basis(basis, a, entry.transposed), len(tensors))
                 factors[b].add(a)
             except ValueError as err:
                 raise CheckpointError(f"key {key!r}, row block {b}: {err}") from err
-    return [_procrustes(f.u_sum, torch.stack(f.sigmas), f.v, entry.transposed)
-            for f, entry in zip(factors, entries)]
+    return [_procrustes(f.u_sum, f.sigma, f.v, entry.transposed) for f, entry in zip(factors, entries)]
