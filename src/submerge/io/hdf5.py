@@ -482,7 +482,7 @@ def trim_heap() -> None:
     A merge streaming parameters allocates and frees tensors of a few MiB per key. glibc serves
     them from its heap once freed blocks of that size exist (its mmap threshold adapts upwards)
     and keeps freed pages mapped, so without this the merge stage's RSS grows key by key with
-    fragmentation: 2.06 GiB instead of 0.82 GiB for Consensus on ViT-B/32 at N = 20
+    fragmentation: 1.92 GiB instead of 0.76 GiB peak RSS for Consensus on ViT-B/32 at N = 20
     (``bench/real_shape.md``)."""
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
