@@ -338,7 +338,7 @@ def _reading(path, f: h5py.File, kind: str) -> Iterator[None]:
 
 class StoreWriter:
     """A store written one key at a time, for memory flat in the model's size: a task-vector
-    store (``kind="state_dict"``, :meth:`tensor`) or a factored store (``kind="factored"``,
+    store (``kind="state_dict"``: :meth:`dense` only) or a factored store (``kind="factored"``:
     :meth:`dense` and :meth:`factors`). Use as a context manager: the file is written under a
     temporary name, its attributes (:attr:`attrs`, which may be filled while writing) and
     manifest are written on a clean exit, and only then is it renamed to ``path``; on an
@@ -354,12 +354,14 @@ class StoreWriter:
         self.stats = stats
         self._digests: dict[str, str] = {}
         self._entries: dict = {} if kind == "state_dict" else {"dense": {}, "factors": {}}
+        # where dense parameters go: the file's root and manifest entries of a task-vector store
+        self._dense_entries = self._entries if kind == "state_dict" else self._entries["dense"]
 
     def __enter__(self) -> "StoreWriter":
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
         try:
-            self._file = _open(tmp, "w")
+            self._file = self._dense = _open(tmp, "w")
             if self.kind == "factored":
                 self._dense = self._file.create_group("dense", track_order=True)
                 self._factors = self._file.create_group("factors", track_order=True)
@@ -380,22 +382,16 @@ class StoreWriter:
         self._file.close()
         return bool(self._atomic.__exit__(exc_type, exc, tb))
 
-    def tensor(self, key: str, tensor: torch.Tensor) -> None:
-        """One parameter of a task-vector store."""
-        if self.kind != "state_dict":
-            raise ValueError(f"{self.path}: tensor() writes a task-vector store; use dense()")
-        _check_key(key, self.layer_info, self.path)
-        ds, self._entries[key] = _write_tensor(self._file, key, tensor, self._digests)
-        _info_attrs(ds, self.layer_info[key])
-
     def dense(self, key: str, tensor: torch.Tensor) -> None:
-        """One dense parameter of a factored store."""
+        """One parameter as a dense tensor (every parameter of a task-vector store)."""
         _check_key(key, self.layer_info, self.path)
-        ds, self._entries["dense"][key] = _write_tensor(self._dense, key, tensor, self._digests)
+        ds, self._dense_entries[key] = _write_tensor(self._dense, key, tensor, self._digests)
         _info_attrs(ds, self.layer_info[key])
 
     def factors(self, key: str, blocks: Factors) -> None:
         """One parameter of a factored store as its row blocks' ``(U, S, Vh)``."""
+        if self.kind != "factored":
+            raise ValueError(f"{self.path}: a task-vector store holds dense parameters only")
         _check_key(key, self.layer_info, self.path)
         group = self._factors.create_group(key)
         _info_attrs(group, self.layer_info[key])
@@ -418,7 +414,7 @@ def write_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
     vector's TIES thresholds, :data:`TIES_THRESHOLDS`)."""
     with StoreWriter(path, "state_dict", layer_info, attrs, stats) as writer:
         for key, tensor in sd.items():
-            writer.tensor(key, tensor)
+            writer.dense(key, tensor)
 
 
 def read_state_dict(path: str | os.PathLike, keys: Sequence[str] | None = None
@@ -497,7 +493,8 @@ def trim_heap() -> None:
 class TaskVectorFiles(TaskVectorSource):
     """Task-vector stores opened once, each checked against its manifest, and read one
     parameter at a time (a :class:`submerge.merging.source.TaskVectorSource` the merge rules
-    stream from: :meth:`read` gives a key as a sequence read one store at a time on access). Every dataset read is checked against its sha256. Use as a
+    stream from: :meth:`read` gives a key as a sequence read one store at a time on access).
+    Every dataset read is checked against its sha256. Use as a
     context manager (or call :meth:`close`).
 
     The stores must hold the same float keys with the same shapes and dtypes

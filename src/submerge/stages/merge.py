@@ -130,7 +130,7 @@ def _lines_norm(items: Iterator, tvs, layer_info: Mapping, slope: float, attrs: 
         with hdf5.StoreWriter(path, "state_dict", layer_info) as writer:
             for key, value in items:
                 total += l1_norm(value)
-                writer.tensor(key, value)
+                writer.dense(key, value)
         with hdf5.TaskVectorFiles([path], getattr(tvs, "device", "cpu")) as stored:
             unscaled = ((key, stored.read_one(0, key)) for key in stored.keys)
             yield from _lines_fixed(unscaled, layer_info, lines_alpha(tvs, merged_l1=total),
