@@ -81,15 +81,17 @@ def open_task_vectors(tv_paths: Sequence[PathLike], device: torch.device | str =
 
 
 def merged_module(suite: Suite, base: Mapping, delta: Mapping, alpha: float,
-                  device: torch.device):
+                  device: torch.device, module: torch.nn.Module | None = None):
     """θ = θ_base + α·Δ loaded into a fresh tower module on ``device`` (``base`` from
-    :func:`load_base`)."""
+    :func:`load_base`), or into ``module``, a tower this function built before (strict: every
+    parameter and persistent buffer is overwritten; a random init costs seconds)."""
     from submerge.merging.task_vectors import apply_task_vector
     from submerge.models import get_adapter
 
     adapter = get_adapter(suite.adapter)
     theta = apply_task_vector(base, {k: v.to(base[k].dtype) for k, v in delta.items()}, alpha)
-    module = adapter.build(suite.arch)
+    if module is None:
+        module = adapter.build(suite.arch)
     module.load_state_dict(theta)
     return adapter, module.to(device).eval(), theta
 

@@ -113,19 +113,12 @@ class Sweep:
         seconds) and each later call loads the point's θ into it (strict: every parameter and
         persistent buffer is overwritten), so a module returned earlier (by this sweep or one
         that shares its load) then holds the latest point's weights."""
-        from submerge.merging.task_vectors import apply_task_vector
-
         device, base, _, _, layer_info, _ = self._load()
         delta, coefficient = point_delta(self.delta(point.beta), layer_info, self.method,
                                          point.alpha, self.lines_scale)
-        if self._shared["module"] is None:
-            adapter, module, theta = merged_module(self.suite, base, delta, coefficient, device)
-            self._shared["module"] = (adapter, module)
-            return adapter, module, theta
-        adapter, module = self._shared["module"]  # θ as merged_module computes it
-        theta = apply_task_vector(base, {k: v.to(base[k].dtype) for k, v in delta.items()},
-                                  coefficient)
-        module.load_state_dict(theta)
+        adapter, module, theta = merged_module(self.suite, base, delta, coefficient, device,
+                                               self._shared["module"])
+        self._shared["module"] = module
         return adapter, module, theta
 
     def accuracy(self, point: GridPoint, split: str) -> dict:
